@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines take the CPU wheel from local disk; on a GPU cluster set TORCH_SPEC to your CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[hf,plot,tb]"
+	@$(PY) -c "import transformer_engine" 2>/dev/null && [ "$$($(PY) -c 'import torch;print(torch.cuda.is_available())')" = "False" ] \
+		&& { echo "transformer_engine is installed on a CPU-only torch: megatron-core cannot import; remove it"; exit 1; } || true
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/olmoe demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) *.egg-info runs .pytest_cache
