@@ -1,0 +1,102 @@
+"""RMSNorm modules for the OLMoE spec.
+
+`RMSNorm` computes in fp32 and casts back before the weight multiply, as OLMoE (and HF's
+OlmoeRMSNorm) do; its weight carries `sequence_parallel` so that Megatron all-reduces its
+gradient over the TP group under sequence parallelism (Megatron's WrappedTorchNorm refuses SP).
+
+`FullWidthQKNorm` is OLMoE's QK-norm: one RMSNorm over the whole q (or k) projection, 2048 wide
+in OLMoE-1B-7B, applied before the head split. Megatron's qk_layernorm normalises each 128-wide
+head: a different function and a different checkpoint shape. Under tensor parallelism each rank
+holds a slice of the heads, so the sum of squares is all-reduced over the TP group and the weight
+is sharded like the projection's columns.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+
+def rms_normalize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, mean_square: torch.Tensor | None = None) -> torch.Tensor:
+    """`weight * (x / sqrt(mean(x^2) + eps))`, computed in fp32, cast back before the weight."""
+    x32 = x.float()
+    if mean_square is None:
+        mean_square = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(mean_square + eps)).to(x.dtype)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm with a learnable scale; works with and without sequence parallelism."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_normalize(x, self.weight, self.eps)
+
+
+class _AllReduceBothWays(torch.autograd.Function):
+    """Sum over a group in forward and in backward.
+
+    Every rank uses the reduced value for its own heads only, so each rank's gradient of the sum
+    is partial; the true gradient of every addend is the sum of those partials.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class FullWidthQKNorm(torch.nn.Module):
+    """OLMoE's QK-norm over the full projection width; input and output `[s, b, heads, head_dim]`."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-5,
+        *,
+        projection: Literal["query", "key"],
+    ):
+        super().__init__()
+        tp = config.tensor_model_parallel_size
+        heads = config.num_attention_heads if projection == "query" else config.num_query_groups
+        self.eps = eps
+        self.full_width = heads * hidden_size
+        self.local_width = self.full_width // tp
+        self.tp_size = tp
+        self.weight = torch.nn.Parameter(torch.ones(self.local_width, dtype=config.params_dtype))
+        # A TP-sharded parameter: counted once per shard in the grad norm, never TP-all-reduced.
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+        setattr(self.weight, "sequence_parallel", False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, b, heads, head_dim = x.shape
+        flat = x.reshape(s, b, heads * head_dim)
+        square_sum = flat.float().pow(2).sum(-1, keepdim=True)
+        if self.tp_size > 1:
+            square_sum = _AllReduceBothWays.apply(square_sum, parallel_state.get_tensor_model_parallel_group())
+        out = rms_normalize(flat, self.weight, self.eps, mean_square=square_sum / self.full_width)
+        return out.view(s, b, heads, head_dim)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state_dict, prefix, {"weight": 0}, sharded_offsets)

@@ -1,0 +1,166 @@
+"""Process groups: created here, once, and handed to the rest of the code as a `ParallelContext`.
+
+Megatron-Core 0.16.1 still reads its `parallel_state` globals inside some modules, so groups are
+created through `parallel_state.initialize_model_parallel`; this module is the only caller. The
+rest of the project receives a `ParallelContext` (layout, ranks, Megatron's ProcessGroupCollection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from olmoe_megatron.parallel import cpu_backend
+from olmoe_megatron.parallel.layout import ParallelLayout
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from olmoe_megatron.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelContext:
+    """The layout, this rank's coordinates on every axis, and the process groups."""
+
+    layout: ParallelLayout
+    backend: str
+    world_size: int
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    cp_rank: int
+    dp_rank: int
+    dp_size: int
+    ep_rank: int
+    etp_rank: int
+    expert_dp_rank: int
+    groups: ProcessGroupCollection
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that prints: last pipeline stage (it has the loss), first of everything else."""
+        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def describe(self) -> str:
+        return (
+            f"rank {self.rank}/{self.world_size}: tp {self.tp_rank} pp {self.pp_rank} cp {self.cp_rank} "
+            f"dp {self.dp_rank}/{self.dp_size} ep {self.ep_rank} etp {self.etp_rank}"
+        )
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(*, backend: str | None = None, timeout_minutes: float = 10.0) -> str:
+    """Starts torch.distributed from the torchrun/Slurm environment (or as one process)."""
+    backend = backend or default_backend()
+    if backend == "gloo":
+        cpu_backend.install()
+    if dist.is_initialized():
+        return dist.get_backend()
+    if "RANK" not in os.environ:  # a plain `python` process: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return backend
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize(
+    layout: ParallelLayout,
+    model: ModelConfig,
+    *,
+    seed: int,
+    backend: str | None = None,
+    timeout_minutes: float = 10.0,
+) -> ParallelContext:
+    """Validates `layout` for `model` on this world and builds Megatron's process groups.
+
+    Safe to call again in the same process with another layout (tests loop over layouts in one
+    process group): the previous model-parallel groups are destroyed first.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    backend = init_distributed(backend=backend, timeout_minutes=timeout_minutes)
+    world_size = dist.get_world_size()
+    layout.validate(model, world_size, backend=backend)
+
+    parallel_state.destroy_model_parallel()
+    # Global state that outlives destroy_model_parallel: the MoE loss tracker is sized by the
+    # number of layers on first use.
+    get_moe_layer_wise_logging_tracker().clear()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        order=layout.rank_order,
+        distributed_timeout_minutes=max(1, int(timeout_minutes)),
+    )
+    model_parallel_cuda_manual_seed(seed)
+    ps = parallel_state
+    context = ParallelContext(
+        layout=layout,
+        backend=backend,
+        world_size=world_size,
+        rank=dist.get_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
+        groups=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    logger.debug("parallel context: %s", context.describe())
+    return context
+
+
+def destroy(*, process_group: bool = False) -> None:
+    """Tears down Megatron's groups (and the torch process group when asked)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if process_group and dist.is_initialized():
+        dist.destroy_process_group()
