@@ -45,6 +45,8 @@ setup(
         "pyyaml>=6",
         "psutil>=5.9",  # dist_checkpointing.save hangs without it (megatron-core does not declare it)
         "tokenizers>=0.15",
+        "zstandard>=0.21",  # olmoe prep tokenize: .jsonl.zst inputs
+        "pyarrow>=14",  # olmoe prep tokenize: parquet inputs
         "pytest>=7",
     ],
     extras_require={

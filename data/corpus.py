@@ -1,0 +1,80 @@
+"""The embedded demo corpus: this interpreter's standard-library source, tokenized like real data.
+
+Every machine with Python has it, so the default run needs nothing from outside but the tokenizer
+(a code corpus, like the StarCoder share of OLMoE-mix). Files are taken in sorted path order until
+`max_bytes`; each file is one document. The corpus goes through the same `tokenize` pipeline as user
+data and is reused when a build with the same settings exists (built once under a file lock).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+from olmoe_megatron.data.fileutil import atomic_path, file_lock, sha256_file
+from olmoe_megatron.data.index_cache import description_hash
+from olmoe_megatron.data.tokenize_text import TokenizeConfig, manifest_path, tokenize
+from olmoe_megatron.data.tokenizer import resolve_tokenizer_path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DEMO_BYTES = 4_000_000
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_source_files(max_bytes: int) -> list[Path]:
+    """The standard library's .py files in sorted relative-path order, up to `max_bytes` in total."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chosen, total = [], 0
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        if _EXCLUDED_DIRS.intersection(path.relative_to(root).parts):
+            continue
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        chosen.append(path)
+        total += size
+        if total >= max_bytes:
+            break
+    return chosen
+
+
+def build_demo_corpus(out_dir: str | os.PathLike, *, tokenizer_path: str | None = None,
+                      max_bytes: int = DEFAULT_DEMO_BYTES) -> Path:
+    """Builds (or reuses) the demo corpus and returns its tokenize manifest path.
+
+    Args:
+        out_dir: Directory for the jsonl text, the .bin/.idx shards and the manifest.
+        tokenizer_path: 'olmoe' / None (OLMoE's tokenizer) or a tokenizer.json path.
+        max_bytes: Text bytes to take from the standard library.
+
+    Returns:
+        Path of `<out_dir>/<name>.manifest.json`, usable as a DataConfig path.
+    """
+    tokenizer_file = resolve_tokenizer_path(tokenizer_path)
+    settings = {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"], "max_bytes": max_bytes,
+                "tokenizer_sha256": sha256_file(tokenizer_file)}
+    name = f"stdlib-{description_hash(settings)[:12]}"
+    out_dir = Path(out_dir)
+    prefix = out_dir / name
+    stamp = out_dir / f"{name}.settings.json"
+    if stamp.is_file() and manifest_path(str(prefix)).is_file():
+        return manifest_path(str(prefix))
+    with file_lock(out_dir / f"{name}.lock"):
+        if not (stamp.is_file() and manifest_path(str(prefix)).is_file()):
+            jsonl = out_dir / f"{name}.jsonl"
+            files = stdlib_source_files(max_bytes)
+            with atomic_path(jsonl) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+                for path in files:
+                    text = path.read_text(encoding="utf-8", errors="replace")
+                    handle.write(json.dumps({"text": text, "path": path.name}) + "\n")
+            tokenize(TokenizeConfig(inputs=(str(jsonl),), output_prefix=str(prefix), tokenizer=str(tokenizer_file),
+                                    shard_bytes=1 << 40, num_workers=1))
+            with atomic_path(stamp) as tmp:
+                tmp.write_text(json.dumps(settings, indent=1))
+            logger.info("built demo corpus %s from %d standard-library files", prefix, len(files))
+    return manifest_path(str(prefix))
