@@ -1,0 +1,126 @@
+"""`tokenize`: every input kind, exact token arrays, sharding, manifest, resume and atomicity."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import TINY_EOS_ID, expected_ids, random_documents, write_jsonl
+
+from olmoe_megatron.data.megatron_format import check_prefix, idx_path
+from olmoe_megatron.data.tokenize_text import TokenizeConfig, manifest_path, shard_prefixes, tokenize
+
+
+def read_documents(manifest_file) -> list[list[int]]:
+    """All documents of all shards in order, read through Megatron-Core's IndexedDataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    documents = []
+    for prefix in shard_prefixes(manifest_file):
+        dataset = IndexedDataset(prefix)
+        documents.extend(dataset[i].tolist() for i in range(len(dataset)))
+    return documents
+
+
+def _write_input(kind, path, documents):
+    if kind == "jsonl":
+        return write_jsonl(path.with_suffix(".jsonl"), documents)
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in documents).encode()
+    if kind == "jsonl.gz":
+        target = path.with_suffix(".jsonl.gz")
+        target.write_bytes(gzip.compress(lines))
+    elif kind == "jsonl.zst":
+        import zstandard
+
+        target = path.with_suffix(".jsonl.zst")
+        target.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        target = path.with_suffix(".parquet")
+        pq.write_table(pa.table({"text": documents, "id": list(range(len(documents)))}), target, row_group_size=7)
+    return str(target)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet"])
+def test_each_input_kind_gives_exact_tokens(tmp_path, tiny_tokenizer, kind):
+    documents = random_documents(30, seed=1)
+    source = _write_input(kind, tmp_path / "input", documents)
+    manifest = tokenize(TokenizeConfig(inputs=(source,), output_prefix=str(tmp_path / "out" / "c"),
+                                       tokenizer=tiny_tokenizer, num_workers=1))
+    assert read_documents(manifest_path(str(tmp_path / "out" / "c"))) == expected_ids(documents)
+    assert manifest["documents"] == 30
+    assert manifest["tokens"] == sum(len(d) for d in expected_ids(documents))
+    assert manifest["eos_token_id"] == TINY_EOS_ID and manifest["dtype"] == "uint16"
+    assert check_prefix(str(tmp_path / "out" / "c_00000")).dtype == np.uint16
+
+
+def test_shards_by_size_in_parallel_keep_document_order(tmp_path, tiny_tokenizer):
+    documents = random_documents(400, seed=2)
+    first = write_jsonl(tmp_path / "a.jsonl", documents[:250])
+    second = write_jsonl(tmp_path / "b.jsonl", documents[250:])
+    prefix = str(tmp_path / "out" / "c")
+    manifest = tokenize(TokenizeConfig(inputs=(str(tmp_path / "*.jsonl"),), output_prefix=prefix,
+                                       tokenizer=tiny_tokenizer, shard_bytes=8_000, num_workers=2))
+    assert len(manifest["shards"]) > 3
+    assert read_documents(manifest_path(prefix)) == expected_ids(documents)
+    assert manifest["source_files"] == [os.path.abspath(first), os.path.abspath(second)]
+    from olmoe_megatron.data.fileutil import sha256_file
+
+    for shard, shard_prefix in zip(manifest["shards"], shard_prefixes(manifest_path(prefix))):
+        assert shard["bin_sha256"] == sha256_file(f"{shard_prefix}.bin")
+        assert shard["idx_sha256"] == sha256_file(f"{shard_prefix}.idx")
+    assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".tmp")]
+
+
+def test_rerun_skips_finished_shards_and_redoes_unfinished(tmp_path, tiny_tokenizer):
+    source = write_jsonl(tmp_path / "a.jsonl", random_documents(200, seed=3))
+    prefix = str(tmp_path / "out" / "c")
+    config = TokenizeConfig(inputs=(source,), output_prefix=prefix, tokenizer=tiny_tokenizer,
+                            shard_bytes=5_000, num_workers=1)
+    tokenize(config)
+    shards = shard_prefixes(manifest_path(prefix))
+    before = {p: os.stat(f"{p}.bin").st_mtime_ns for p in shards}
+    # An interrupted shard: its record was never written (the record is written last).
+    os.unlink(f"{shards[1]}.json")
+    os.unlink(idx_path(shards[1]))
+    tokenize(config)
+    after = {p: os.stat(f"{p}.bin").st_mtime_ns for p in shards}
+    assert [p for p in shards if before[p] != after[p]] == [shards[1]]
+    assert read_documents(manifest_path(prefix)) == expected_ids(random_documents(200, seed=3))
+
+
+def test_our_idx_equals_megatron_builder_bytes(tmp_path, tiny_tokenizer):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    documents = random_documents(25, seed=4)
+    source = write_jsonl(tmp_path / "a.jsonl", documents)
+    tokenize(TokenizeConfig(inputs=(source,), output_prefix=str(tmp_path / "ours"), tokenizer=tiny_tokenizer,
+                            num_workers=1))
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for ids in expected_ids(documents):
+        builder.add_document(torch.tensor(ids), [len(ids)])
+    builder.finalize(str(tmp_path / "ref.idx"))
+    assert (tmp_path / "ours_00000.idx").read_bytes() == (tmp_path / "ref.idx").read_bytes()
+    assert (tmp_path / "ours_00000.bin").read_bytes() == (tmp_path / "ref.bin").read_bytes()
+
+
+def test_int32_dtype_and_text_field(tmp_path, tiny_tokenizer):
+    documents = random_documents(10, seed=5)
+    source = write_jsonl(tmp_path / "a.jsonl", documents, field="content")
+    prefix = str(tmp_path / "c")
+    tokenize(TokenizeConfig(inputs=(source,), output_prefix=prefix, tokenizer=tiny_tokenizer, text_field="content",
+                            dtype="int32", num_workers=1))
+    assert check_prefix(f"{prefix}_00000").dtype == np.int32
+    assert read_documents(manifest_path(prefix)) == expected_ids(documents)
+
+
+def test_dtype_rule_follows_megatron():
+    from olmoe_megatron.data.megatron_format import token_dtype_for_vocab
+
+    assert token_dtype_for_vocab(50280) == np.uint16
+    assert token_dtype_for_vocab(65499) == np.uint16
+    assert token_dtype_for_vocab(65500) == np.int32
