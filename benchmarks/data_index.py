@@ -4,8 +4,8 @@ The .bin is sparse (no disk blocks, reads as zeros); the .idx is real: random do
 (mean --mean-doc-tokens) summing exactly to --tokens. Each sample order's indices (Megatron:
 document, sample and shuffle index via GPTDataset's compiled helpers; OLMo: the epoch permutation)
 are built for one epoch of 4096-token samples in a fresh child process, timed from DataConfig.build
-to the first samples read, with the child's own peak RSS (which includes about 0.4 GB of imported
-libraries). 5T figures scale time linearly and RSS as imports + linear growth of the rest (every
+to the first samples read, with the child's own peak RSS (VmHWM, which includes about 0.4 GB of
+imported libraries). 5T figures scale time linearly and RSS as imports + linear growth of the rest (every
 index array is linear in tokens or documents).
 
 Usage: python benchmarks/data_index.py --json out.json [--tokens 100e9] [--mean-doc-tokens 1024]
@@ -67,19 +67,28 @@ def write_synthetic(prefix: Path, num_tokens: int, mean_doc_tokens: int) -> int:
 
 def build_phase(prefix: str, order: str, cache_dir: str, num_tokens: int) -> None:
     """Child process: build the indices and read a few samples; prints seconds as JSON."""
-    import resource
-
+    # A child of fork+exec inherits its parent's peak RSS in ru_maxrss; reset the kernel's peak first.
+    Path("/proc/self/clear_refs").write_text("5")
     import megatron.core.datasets.gpt_dataset  # noqa: F401 - imported before the clock starts
 
     from olmoe_megatron.data.config import DataConfig
 
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline_rss = peak_rss_bytes()
     start = time.perf_counter()
     dataset = DataConfig(paths=(prefix,), order=order, cache_dir=cache_dir, mask_repeated_ngrams=False).build(
         seq_length=SEQ_LENGTH, num_samples=num_tokens // SEQ_LENGTH - 1, vocab_size=50304)
     for index in (0, len(dataset) // 2, len(dataset) - 1):
         assert dataset[index]["tokens"].shape == (SEQ_LENGTH,)
-    print(json.dumps({"seconds": time.perf_counter() - start, "baseline_rss_bytes": baseline_rss}))
+    print(json.dumps({"seconds": time.perf_counter() - start, "baseline_rss_bytes": baseline_rss,
+                      "peak_rss_bytes": peak_rss_bytes()}))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM) since start or the last clear_refs reset."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def measure(prefix: Path, order: str, cache_dir: Path, num_tokens: int) -> tuple[float, int, int]:
@@ -88,12 +97,10 @@ def measure(prefix: Path, order: str, cache_dir: Path, num_tokens: int) -> tuple
                               "--order", order, "--cache-dir", str(cache_dir), "--tokens", str(num_tokens),
                               "--json", "-"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     output = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
+    if child.wait() != 0:
         raise RuntimeError(f"{order} build failed with exit code {child.returncode}")
     report = json.loads(output.strip().splitlines()[-1])
-    return report["seconds"], usage.ru_maxrss * 1024, report["baseline_rss_bytes"]
+    return report["seconds"], report["peak_rss_bytes"], report["baseline_rss_bytes"]
 
 
 def main() -> int:
