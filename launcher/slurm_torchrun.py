@@ -4,9 +4,8 @@
 (`torch.distributed.run`) with two differences that slurm/entrypoint.sh relies on:
 
 * Exit code. torchrun exits 1 whenever a worker fails, whatever its code. Here the code of the
-  first failed rank comes through (a rank killed by signal N gives 128 + N), and 75 (EXIT_REQUEUE:
-  preempted, checkpoint saved) comes through when every failed rank exited with it, so the
-  entrypoint can requeue the job. A line naming the Slurm node, the rank and the code is logged.
+  rank that failed first by itself comes through (see `exit_code_for`), 75 (EXIT_REQUEUE:
+  preempted, checkpoint saved) included, so the entrypoint can requeue the job. A line naming the Slurm node, the rank and the code is logged.
 * Signals. Under Slurm, slurmstepd delivers SIGUSR1 (`--signal=USR1@T`, `scancel --signal=USR1`)
   and SIGTERM (preemption, scancel, time limit) to every process of the step, the ranks included.
   The ranks decide what to do (the trainer checkpoints and exits 75); this agent keeps watching
@@ -37,12 +36,13 @@ def _note_signal(signum: int, frame: object) -> None:
 
 
 def exit_code_for(failures: dict[int, object]) -> int:
-    """The exit code of a failed torchrun: 75 if every failed rank asked for a requeue, else the
-    code of the first rank that failed by itself (128 + N for a rank killed by signal N).
+    """The exit code of a failed torchrun, from the exit codes of its failed ranks.
 
-    Ranks the agent stopped after another failure show up with a negative code (-15, its SIGTERM)
-    and the same whole-second timestamp, so a rank that exited with a positive code is preferred
-    as the cause.
+    A rank that exited by itself with a code other than 75 is the cause and its code comes through.
+    Otherwise, if a rank exited 75 (EXIT_REQUEUE), 75 comes through: the trainer exits 75 only once
+    its checkpoint is committed on every rank, so siblings that the agent stopped right after (a
+    negative code: its SIGTERM) lost nothing. Otherwise every rank died of a signal N: 128 + N.
+    Among equals the earliest (then lowest) rank wins.
 
     Args:
         failures: torchrun's `ChildFailedError.failures`: global rank -> `ProcessFailure`
@@ -51,9 +51,7 @@ def exit_code_for(failures: dict[int, object]) -> int:
     if not failures:
         return 1
     codes = {rank: int(f.exitcode) for rank, f in failures.items()}
-    if all(code == EXIT_REQUEUE for code in codes.values()):
-        return EXIT_REQUEUE
-    first_rank = min(failures, key=lambda r: (codes[r] <= 0, failures[r].timestamp, r))
+    first_rank = min(failures, key=lambda r: (codes[r] <= 0, codes[r] == EXIT_REQUEUE, failures[r].timestamp, r))
     code = codes[first_rank]
     if code < 0:
         return 128 - code

@@ -23,7 +23,7 @@
 #   OLMOE_NPROC_PER_NODE      ranks per node (default: the GPUs Slurm gave this node; CPU runs must set it)
 #   OLMOE_GPUS_PER_NODE       GPUs the health check expects (default: the GPUs Slurm gave this node)
 #   OLMOE_MASTER_PORT         rendezvous port (default: derived from the job id)
-#   OLMOE_RDZV_BACKEND        c10d (default) | static (rank 0 pinned to the first node)
+#   OLMOE_RDZV_BACKEND        static (default: rank 0 on the first node) | c10d
 #   OLMOE_RDZV_TIMEOUT        seconds for all nodes to join the rendezvous (default 600)
 #   OLMOE_VENV                a virtualenv whose bin/ goes first on PATH
 #   OLMOE_PYTHON              interpreter for torchrun and the health check (default python3)
@@ -50,7 +50,9 @@ PY=${OLMOE_PYTHON:-python3}
 
 # --- Rendezvous -------------------------------------------------------------------------------
 # The first node of the allocation hosts the rendezvous store; every node computes the same name.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# (Not `| head -n1`: under pipefail, scontrol dying of SIGPIPE on a long node list would end the job.)
+job_hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${job_hosts%%$'\n'*}
 # One port per job, so jobs sharing a node do not collide; 15000-29999 stays below Linux's
 # default ephemeral range (32768-60999), where outgoing connections could already hold it.
 MASTER_PORT=${OLMOE_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
@@ -142,12 +144,16 @@ case $OLMOE_LAUNCH in
     ((nproc > 0)) || die "no ranks to start: Slurm gave this node no GPUs; set OLMOE_NPROC_PER_NODE for a CPU run"
     [[ ${SLURM_NODEID:-0} == 0 ]] && is_leader=1
     if [[ ${OLMOE_HEALTH:-1} == 1 ]]; then health_check; fi
-    rdzv_backend=${OLMOE_RDZV_BACKEND:-c10d}
+    # static (default): node rank = SLURM_NODEID, the store lives in node 0's agent, and after the
+    # start each agent only watches its own ranks. c10d: group ranks go by arrival order (global
+    # rank 0 may live on any node; nothing here or in the trainer assumes otherwise) and every agent
+    # polls the store for membership changes while the ranks run, so when the agent hosting it
+    # leaves first (all ranks exiting 75 together, say) the others die of RendezvousConnectionError
+    # and their failure races the leader's requeue (seen on the local cluster). With Slurm requeue
+    # as the restart mechanism (--max-restarts=0) c10d's elasticity buys nothing here.
+    rdzv_backend=${OLMOE_RDZV_BACKEND:-static}
     rdzv=(--rdzv-backend="$rdzv_backend" --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"
       --rdzv-conf="join_timeout=${OLMOE_RDZV_TIMEOUT:-600}")
-    # c10d hands out group ranks in arrival order, so global rank 0 may live on any node: nothing
-    # here or in the trainer assumes otherwise. Only the static backend takes the node rank (and
-    # then pins rank 0 to the first node).
     if [[ $rdzv_backend == static ]]; then rdzv+=(--node-rank="${SLURM_NODEID:-0}"); fi
     log "torchrun: $num_nodes node(s) x $nproc rank(s), rendezvous $rdzv_backend at $MASTER_ADDR:$MASTER_PORT, restart ${SLURM_RESTART_COUNT:-0}"
     # Output lines carry node and global rank, so a failure in a 256-rank log names its origin.

@@ -131,12 +131,18 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
+# Scheduling passes every 2 s instead of 30-60 s: a requeued job starts as soon as it is eligible.
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 SwitchType=switch/none
 # Batch jobs may be requeued (scontrol requeue from slurm/entrypoint.sh after a preemption exit).
 JobRequeue=1
+# A requeued job waits out the step credential lifetime before it may start again (default 120 s);
+# short here so that preemption tests take seconds. Steps must launch within it: 10 s is plenty
+# for local daemons.
+AuthInfo=cred_expire=10
 # A node that dropped out comes back by itself once its slurmd answers again.
 ReturnToService=2
 # SIGTERM, then SIGKILL this many seconds later (scancel, time limit): short keeps tests bounded.
