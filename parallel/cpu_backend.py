@@ -281,9 +281,13 @@ def _apply_fork_results_queue():
 
     # The async writer's results queue lives in a 'spawn' Manager: a new interpreter per rank
     # that re-imports __main__ (~3-9 s per save on 2 cores). A fork-context Manager is the same
-    # queue without the re-import.
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+    # queue without the re-import; it is created on the first save, as upstream does.
+    def _get_write_results_queue():
+        if filesystem_async._results_queue is None:
+            filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = _get_write_results_queue
 
 
 # ----------------------------------------------------------------------------- probes

@@ -79,7 +79,10 @@ def to_transformer_config(
         ffn_hidden_size=model.expert_ffn_hidden_size if model.is_moe else model.dense_ffn_hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_eps,
-        qk_layernorm=model.qk_norm,
+        # Our spec builds OLMoE's full-width QK-norm itself (model.qk_norm). Megatron's flag means
+        # per-head norms replicated over TP, and finalize_model_grads would then all-reduce the
+        # TP-sharded full-width weights' gradients by name: wrong. Keep it off.
+        qk_layernorm=False,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,

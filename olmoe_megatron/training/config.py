@@ -1,0 +1,147 @@
+"""Training, checkpoint and metrics configs (OLMoE's optimizer and token-based schedule by default)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from olmoe_megatron.config import Config, ConfigError
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class TrainConfig(Config):
+    """Batch, optimizer, schedule and loop settings. Defaults are OLMoE-1B-7B's (OLMOE_FACTS.md)."""
+
+    seed: int = 6198
+    """Seed of init, data order and dropout-free RNG streams."""
+    seq_length: int = 4096
+    """Tokens per training sequence."""
+    global_batch_size: int = 1024
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one rank."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: run to max_tokens)."""
+    max_tokens: int | None = 5_033_164_800_000
+    """Stop once this many tokens have been trained on (None: run to max_steps)."""
+    lr: float = 4e-4
+    """Peak learning rate."""
+    schedule: Literal["olmoe", "anneal", "constant"] = "olmoe"
+    """'olmoe': linear warmup from warmup_start_ratio*lr, cosine to min_lr_ratio*lr at t_max_tokens,
+    constant after. 'anneal': lr*anneal_start_ratio linearly to 0 over anneal_tokens.
+    'constant': lr throughout."""
+    warmup_tokens: int = 10_485_760_000
+    """Linear warmup length in tokens (OLMoE: 2,500 steps of 4M tokens)."""
+    warmup_start_ratio: float = 0.1
+    """Warmup starts at this fraction of lr (OLMoE: 0.1 -> 4e-5)."""
+    t_max_tokens: int = 5_000_000_000_000
+    """Tokens at which the cosine reaches min_lr_ratio*lr."""
+    min_lr_ratio: float = 0.1
+    """Final lr of the cosine as a fraction of lr."""
+    anneal_tokens: int = 100_000_000_000
+    """Length of the anneal phase (schedule='anneal')."""
+    anneal_start_ratio: float = 0.1
+    """Anneal starts at this fraction of lr (OLMoE's anneal: 4e-5 with lr 4e-4)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to EVERY parameter (norms and embeddings included)."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the gradient reduce-scatter/all-reduce with backward."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with forward."""
+    recompute: Literal["selective", "full"] | None = None
+    """Activation recompute: selective (attention core + MoE activation) or full layers."""
+    max_nonfinite_steps: int = 3
+    """Skip this many consecutive steps with a NaN/inf loss, then save and stop."""
+    log_interval: int = 1
+    """Console progress line every this many steps."""
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    def validate(self) -> None:
+        for name in ("seq_length", "global_batch_size", "micro_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.max_steps is None and self.max_tokens is None:
+            raise ConfigError("set train.max_steps or train.max_tokens (both are null)")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"train.max_steps={self.max_steps} must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if not 0 <= self.warmup_start_ratio <= 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(
+                f"train.warmup_start_ratio={self.warmup_start_ratio} and train.min_lr_ratio={self.min_lr_ratio} "
+                "must lie in [0, 1]"
+            )
+        if self.schedule == "olmoe" and self.t_max_tokens <= self.warmup_tokens:
+            raise ConfigError(
+                f"train.t_max_tokens={self.t_max_tokens} must exceed train.warmup_tokens={self.warmup_tokens}"
+            )
+        if self.schedule == "anneal" and self.anneal_tokens <= 0:
+            raise ConfigError(f"train.anneal_tokens={self.anneal_tokens} must be > 0")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_eps <= 0:
+            raise ConfigError(
+                f"train.adam_beta1={self.adam_beta1}, adam_beta2={self.adam_beta2} must lie in [0, 1) "
+                f"and train.adam_eps={self.adam_eps} must be > 0"
+            )
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError(
+                "train.overlap_param_gather=true needs train.use_distributed_optimizer=true"
+            )
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class CheckpointConfig(Config):
+    """Where and how often to save, what to load."""
+
+    dir: str | None = None
+    """Checkpoint directory (None: never save)."""
+    save_interval: int = 5000
+    """Save every this many steps (and at the end)."""
+    keep_last: int = 3
+    """Keep the newest this many checkpoints (0: keep all)."""
+    load: str | None = "latest"
+    """'latest' (resume from dir/latest if present), a checkpoint path, or None."""
+    load_optimizer: bool = True
+    """Load optimizer state and scheduler position (False: a new run from these weights, e.g. anneal)."""
+    reset_data_position: bool = False
+    """Start the data order from the beginning when loading (anneal: new data order)."""
+    save_on_exit: bool = True
+    """Save when training ends (max steps or a signal)."""
+
+    def validate(self) -> None:
+        if self.save_interval < 1:
+            raise ConfigError(f"checkpoint.save_interval={self.save_interval} must be >= 1")
+        if self.keep_last < 0:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 0 (0 keeps all)")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class MetricsConfig(Config):
+    """Where per-step metrics go."""
+
+    jsonl: str | None = None
+    """Metrics JSONL path (None: <checkpoint.dir>/metrics.jsonl when a checkpoint dir is set)."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event directory (None: off)."""
+    expert_load: bool = True
+    """Per-layer expert load statistics every step (busiest share, min/max tokens per expert)."""
+    peak_flops: float | None = None
+    """Hardware peak FLOP/s for MFU (None: measured matmul rate on CPU, datasheet bf16 on GPU)."""
+
+    def validate(self) -> None:
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError(f"metrics.peak_flops={self.peak_flops} must be > 0")

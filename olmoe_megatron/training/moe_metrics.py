@@ -1,0 +1,107 @@
+"""OLMoE's load-balancing and z-loss values, and per-layer expert load, reduced over all ranks.
+
+Megatron's routers record, per layer and micro-batch, the unweighted Switch loss and the mean
+squared router logsumexp in a tracker; we reduce those ourselves (gloo has no AVG reduce) and
+report them in OLMoE's normalisation: LB = w * mean over layers, z = w_z * mean over layers / k.
+Expert load is counted by forward hooks on the routers (tokens routed to each expert).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from olmoe_megatron.model.config import ModelConfig
+from olmoe_megatron.parallel.context import ParallelContext
+
+_LB = "load_balancing_loss"
+_Z = "z_loss"
+
+
+def _tracker():
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    return get_moe_layer_wise_logging_tracker()
+
+
+def clear_router_losses() -> None:
+    for entry in _tracker().values():
+        entry["values"].zero_()
+
+
+def reduce_router_losses(model: ModelConfig, context: ParallelContext, *, num_microbatches: int) -> dict[str, float]:
+    """OLMoE-normalised LB and z losses of the last step (weights applied), same on every rank."""
+    out = {"lb_loss": 0.0, "z_loss": 0.0}
+    if not model.is_moe:
+        return out
+    tracker = _tracker()
+    groups = context.groups
+    values = torch.zeros(2, model.num_layers, dtype=torch.float64)
+    if _LB in tracker:
+        values[0] = tracker[_LB]["values"].double()
+    if _Z in tracker:
+        values[1] = tracker[_Z]["values"].double()
+    dist.all_reduce(values, group=groups.pp)
+    # LB: each TP/CP rank holds its tokens' share of sum(P * f): sum them; average over DP.
+    lb = values[0].clone()
+    dist.all_reduce(lb, group=groups.tp_cp)
+    dist.all_reduce(lb, group=groups.dp)
+    lb /= dist.get_world_size(groups.dp)
+    # z: a per-rank mean over that rank's tokens: average over TP/CP and DP.
+    z = values[1].clone()
+    dist.all_reduce(z, group=groups.tp_cp)
+    dist.all_reduce(z, group=groups.dp)
+    z /= dist.get_world_size(groups.tp_cp) * dist.get_world_size(groups.dp)
+    layers_microbatches = model.num_layers * num_microbatches
+    out["lb_loss"] = float(model.router_aux_loss_coeff * lb.sum() / layers_microbatches)
+    out["z_loss"] = float(model.router_z_loss_coeff * z.sum() / (layers_microbatches * model.top_k))
+    clear_router_losses()
+    return out
+
+
+@dataclasses.dataclass
+class ExpertLoadCounter:
+    """Counts tokens routed to each expert of each layer with forward hooks on the routers."""
+
+    num_layers: int
+    num_experts: int
+
+    def __post_init__(self):
+        self.counts_LE = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
+        self._handles = []
+
+    def attach(self, model_chunks) -> "ExpertLoadCounter":
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        for chunk in model_chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    self._handles.append(module.register_forward_hook(self._hook))
+        return self
+
+    def _hook(self, router, inputs, output):
+        if not router.training:
+            return
+        _, routing_map_TE = output
+        self.counts_LE[router.layer_number - 1] += routing_map_TE.detach().sum(0).to("cpu", torch.float64)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def reduce_and_reset(self, context: ParallelContext) -> dict[str, list[float]]:
+        """Global per-layer stats: busiest-expert share, min and max tokens per expert."""
+        counts = self.counts_LE.clone()
+        groups = context.groups
+        for group in (groups.pp, groups.tp_cp, groups.dp):
+            dist.all_reduce(counts, group=group)
+        self.counts_LE.zero_()
+        totals = counts.sum(1).clamp_min(1)
+        return {
+            "busiest_expert_share": (counts.max(1).values / totals).tolist(),
+            "min_tokens_per_expert": counts.min(1).values.tolist(),
+            "max_tokens_per_expert": counts.max(1).values.tolist(),
+        }

@@ -1,0 +1,190 @@
+"""One optimizer step on Megatron-Core: DDP wrapping, OLMoE's AdamW, forward/backward over
+micro-batches with any pipeline schedule, and the step's reduced metrics.
+
+The trainer and the distributed equivalence tests share this code, so what the tests prove
+equal to a single process is what training runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from olmoe_megatron.model.config import ModelConfig
+from olmoe_megatron.model.precision import PrecisionConfig
+from olmoe_megatron.parallel.context import ParallelContext
+from olmoe_megatron.training.config import TrainConfig
+from olmoe_megatron.training.moe_metrics import ExpertLoadCounter, reduce_router_losses
+
+
+def wrap_ddp(
+    chunks: list[torch.nn.Module], config: TransformerConfig, *, train: TrainConfig, precision: PrecisionConfig
+) -> list[DistributedDataParallel]:
+    """Megatron DDP around each model chunk (fp32 grad buffers, optional overlap)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=train.overlap_grad_reduce,
+        overlap_param_gather=train.overlap_param_gather,
+        use_distributed_optimizer=train.use_distributed_optimizer,
+        bucket_size=None,
+    )
+    return [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=(i > 0))
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(models: list[DistributedDataParallel], *, train: TrainConfig, precision: PrecisionConfig):
+    """OLMoE's AdamW: decay on EVERY parameter (Megatron skips biases and 1-D params by default)."""
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=train.lr,
+        min_lr=train.lr * train.min_lr_ratio,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=train.adam_eps,
+        decoupled_weight_decay=True,
+        clip_grad=train.clip_grad,
+        bf16=precision.dtype == "bf16",
+        fp16=False,
+        params_dtype=precision.torch_dtype,
+        use_distributed_optimizer=train.use_distributed_optimizer,
+        overlap_param_gather=train.overlap_param_gather,
+    )
+    # An empty override map (not None) turns off Megatron's "no decay on 1-D params" default.
+    return get_megatron_optimizer(opt_config, models, config_overrides={})
+
+
+def attach_training_hooks(config: TransformerConfig, models: list[DistributedDataParallel], optimizer) -> None:
+    """What Megatron's schedules call back into: grad finalisation, loss scaling, no_sync."""
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [m.no_sync for m in models] if len(models) > 1 else models[0].no_sync
+    if len(models) > 1:
+        config.param_sync_func = [m.start_param_sync for m in models] if models[0].ddp_config.overlap_param_gather else None
+    elif models[0].ddp_config.overlap_param_gather:
+        config.param_sync_func = models[0].start_param_sync
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclasses.dataclass
+class StepResult:
+    lm_loss: float
+    lb_loss: float
+    z_loss: float
+    grad_norm: float
+    updated: bool
+    num_microbatches: int
+    expert_load: dict | None = None
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.lm_loss) and math.isfinite(self.grad_norm)
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    loss_mask = batch["loss_mask"]
+
+    def loss_func(per_token_loss):
+        mask = loss_mask.reshape(-1).float()
+        loss = torch.sum(per_token_loss.reshape(-1).float() * mask) / mask.sum().clamp_min(1.0)
+        return loss, {"lm_loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def _mean_lm_loss(losses: list[dict], context: ParallelContext) -> float:
+    """Mean over micro-batches on the last stage, then over DP; the same value on every rank."""
+    if context.is_last_stage and losses:
+        value = torch.stack([d["lm_loss"].double() for d in losses]).mean()
+    else:
+        value = torch.zeros((), dtype=torch.float64)
+    value = value.reshape(1).to(context.device)
+    dist.all_reduce(value, group=context.groups.pp)
+    dist.all_reduce(value, group=context.groups.dp_cp)
+    return float(value / dist.get_world_size(context.groups.dp_cp))
+
+
+def _fold_batch(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def run_forward_backward(
+    models: list[torch.nn.Module],
+    micro_batches: list[dict],
+    context: ParallelContext,
+    *,
+    seq_length: int,
+    forward_only: bool = False,
+) -> list[dict]:
+    """Megatron's schedule (no pipeline, 1F1B or interleaved) over this rank's micro-batches."""
+    forward_backward = get_forward_backward_func()
+    batches = [_fold_batch(b, context.device) for b in micro_batches]
+    micro_batch_size = batches[0]["tokens"].shape[0]
+    iterator: Iterable = [iter(batches) for _ in models] if len(models) > 1 else iter(batches)
+    return forward_backward(
+        forward_step_func=_forward_step,
+        data_iterator=iterator,
+        model=models if len(models) > 1 else models[0],
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        decoder_seq_length=seq_length,
+        forward_only=forward_only,
+    )
+
+
+def train_step(
+    models: list[DistributedDataParallel],
+    optimizer,
+    micro_batches: list[dict],
+    context: ParallelContext,
+    *,
+    model_config: ModelConfig,
+    seq_length: int,
+    expert_load: ExpertLoadCounter | None = None,
+) -> StepResult:
+    """Forward/backward over `micro_batches`, gradient reduction, one optimizer update."""
+    for model in models:
+        model.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = run_forward_backward(models, micro_batches, context, seq_length=seq_length)
+    lm_loss = _mean_lm_loss(losses, context)
+    router = reduce_router_losses(model_config, context, num_microbatches=len(micro_batches))
+    updated, grad_norm, _ = optimizer.step()
+    load = expert_load.reduce_and_reset(context) if expert_load is not None else None
+    return StepResult(
+        lm_loss=lm_loss,
+        lb_loss=router["lb_loss"],
+        z_loss=router["z_loss"],
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        updated=bool(updated),
+        num_microbatches=len(micro_batches),
+        expert_load=load,
+    )
+
+
+def eval_loss(models: list[torch.nn.Module], micro_batches: list[dict], context: ParallelContext, *, seq_length: int) -> float:
+    """Mean LM loss of the micro-batches, forward only (same value on every rank)."""
+    for model in models:
+        model.eval()
+    with torch.no_grad():
+        losses = run_forward_backward(models, micro_batches, context, seq_length=seq_length, forward_only=True)
+    for model in models:
+        model.train()
+    return _mean_lm_loss(losses, context)
