@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torchrun: one task per node; srun: one task per rank")
     parser.add_argument("--socket-ifname", default=None, help="GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME")
     parser.add_argument("--sweep", type=Path, default=None,
-                        help="job array over this file: one layout or recipe per line (slurm/sweep.sbatch)")
+                        help="job array over this file: one layout or recipe per line (slurm/sweep.sbatch); "
+                             "{task} in an override becomes the array task id")
     parser.add_argument("--venv", default=None,
                         help="virtualenv to put first on PATH on the nodes (default: the current one, "
                              "unless a container image is given; 'none' for neither)")
