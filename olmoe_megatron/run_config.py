@@ -1,0 +1,70 @@
+"""The root run config: one value holding every concern, and the rules that cross them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from olmoe_megatron.config import Config, ConfigError
+from olmoe_megatron.data.config import DataConfig
+from olmoe_megatron.model.config import ModelConfig
+from olmoe_megatron.model.precision import PrecisionConfig
+from olmoe_megatron.parallel.layout import ParallelLayout
+from olmoe_megatron.training.config import CheckpointConfig, MetricsConfig, TrainConfig
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class RunConfig(Config):
+    """A whole run: model, parallel layout, precision, training, data, checkpoints, metrics."""
+
+    name: str = "run"
+    """Run name (logs, Slurm job names)."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelLayout = dataclasses.field(default_factory=ParallelLayout)
+    precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(demo_corpus=True))
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        if self.train.seq_length > self.model.max_sequence_length:
+            raise ConfigError(
+                f"train.seq_length={self.train.seq_length} exceeds model.max_sequence_length="
+                f"{self.model.max_sequence_length}; lower train.seq_length or raise model.max_sequence_length"
+            )
+        # Layout rules that need only the model (world size comes later).
+        layout = self.parallel
+        stages = layout.pp * (layout.vpp or 1)
+        if self.model.num_layers % stages:
+            raise ConfigError(
+                f"model.num_layers={self.model.num_layers} must be divisible by pipeline_parallel*"
+                f"virtual_pipeline_parallel={stages}"
+            )
+        if self.model.is_moe and self.model.num_experts % layout.ep:
+            raise ConfigError(
+                f"parallel.expert_parallel={layout.ep} must divide model.num_experts={self.model.num_experts}"
+            )
+
+    def num_microbatches(self, world_size: int) -> int:
+        dp = self.parallel.data_parallel_size(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def validate_world_size(self, world_size: int, *, backend: str = "nccl") -> None:
+        """Raises ConfigError unless this run fits `world_size` ranks (before anything starts)."""
+        self.parallel.validate(self.model, world_size, backend=backend)
+        dp = self.parallel.data_parallel_size(world_size)
+        per_step = self.train.micro_batch_size * dp
+        if self.train.global_batch_size % per_step:
+            fits = [g for g in range(per_step, 8 * per_step + 1, per_step)]
+            raise ConfigError(
+                f"train.global_batch_size={self.train.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size*data_parallel={self.train.micro_batch_size}*{dp}={per_step} on "
+                f"{world_size} ranks; use global_batch_size in {fits[:4]} or change micro_batch_size"
+            )
+        if self.parallel.vpp and self.parallel.vpp > 1:
+            micro = self.num_microbatches(world_size)
+            if micro % self.parallel.pp:
+                raise ConfigError(
+                    f"the interleaved pipeline needs micro-batches per step ({micro}) divisible by "
+                    f"parallel.pipeline_parallel={self.parallel.pp}; raise train.global_batch_size"
+                )
