@@ -41,8 +41,10 @@ class RunConfig(Config):
                 f"virtual_pipeline_parallel={stages}"
             )
         if self.model.is_moe and self.model.num_experts % layout.ep:
+            options = [d for d in range(1, self.model.num_experts + 1) if self.model.num_experts % d == 0]
             raise ConfigError(
-                f"parallel.expert_parallel={layout.ep} must divide model.num_experts={self.model.num_experts}"
+                f"parallel.expert_parallel={layout.ep} must divide model.num_experts={self.model.num_experts}; "
+                f"use one of {', '.join(map(str, options))}"
             )
 
     def num_microbatches(self, world_size: int) -> int:
