@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Megatron-Core logs every dataset index and checkpoint step at INFO: keep it for --log-level DEBUG.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         return int(args._run(args) or 0)
     except ConfigError as exc:

@@ -84,7 +84,7 @@ def init_distributed(*, backend: str | None = None, timeout_minutes: float = 10.
         return dist.get_backend()
     if "RANK" not in os.environ:  # a plain `python` process: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -92,7 +92,8 @@ def init_distributed(*, backend: str | None = None, timeout_minutes: float = 10.
     return backend
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now (for a local rendezvous)."""
     import socket
 
     with socket.socket() as sock:

@@ -15,17 +15,12 @@ import importlib
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
 from typing import Any, Callable
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from olmoe_megatron.parallel.context import free_port
 
 
 class _RankPrefixed:

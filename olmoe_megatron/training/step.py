@@ -95,17 +95,28 @@ class StepResult:
         return math.isfinite(self.lm_loss) and math.isfinite(self.grad_norm)
 
 
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    loss_mask = batch["loss_mask"]
+def _make_forward_step(*, poison: bool = False):
+    """Megatron's forward_step_func: masked mean cross-entropy of the micro-batch.
 
-    def loss_func(per_token_loss):
-        mask = loss_mask.reshape(-1).float()
-        loss = torch.sum(per_token_loss.reshape(-1).float() * mask) / mask.sum().clamp_min(1.0)
-        return loss, {"lm_loss": loss.detach().clone()}
+    `poison` multiplies the loss by NaN: fault injection that exercises the non-finite path
+    (backward fills the gradients with NaN, as a real divergence does).
+    """
 
-    return output, loss_func
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        loss_mask = batch["loss_mask"]
+
+        def loss_func(per_token_loss):
+            mask = loss_mask.reshape(-1).float()
+            loss = torch.sum(per_token_loss.reshape(-1).float() * mask) / mask.sum().clamp_min(1.0)
+            if poison:
+                loss = loss * float("nan")
+            return loss, {"lm_loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    return forward_step
 
 
 def _mean_lm_loss(losses: list[dict], context: ParallelContext) -> float:
@@ -131,6 +142,7 @@ def run_forward_backward(
     *,
     seq_length: int,
     forward_only: bool = False,
+    poison: bool = False,
 ) -> list[dict]:
     """Megatron's schedule (no pipeline, 1F1B or interleaved) over this rank's micro-batches."""
     forward_backward = get_forward_backward_func()
@@ -138,7 +150,7 @@ def run_forward_backward(
     micro_batch_size = batches[0]["tokens"].shape[0]
     iterator: Iterable = [iter(batches) for _ in models] if len(models) > 1 else iter(batches)
     return forward_backward(
-        forward_step_func=_forward_step,
+        forward_step_func=_make_forward_step(poison=poison),
         data_iterator=iterator,
         model=models if len(models) > 1 else models[0],
         num_microbatches=len(batches),
@@ -158,16 +170,28 @@ def train_step(
     model_config: ModelConfig,
     seq_length: int,
     expert_load: ExpertLoadCounter | None = None,
+    poison: bool = False,
 ) -> StepResult:
-    """Forward/backward over `micro_batches`, gradient reduction, one optimizer update."""
+    """Forward/backward over `micro_batches`, gradient reduction, one optimizer update.
+
+    A non-finite LM loss (the same value on every rank) skips the update: the optimizer is not
+    stepped and the gradients are dropped, so one bad batch cannot poison the weights.
+    """
     for model in models:
         model.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_forward_backward(models, micro_batches, context, seq_length=seq_length)
+    losses = run_forward_backward(models, micro_batches, context, seq_length=seq_length, poison=poison)
     lm_loss = _mean_lm_loss(losses, context)
     router = reduce_router_losses(model_config, context, num_microbatches=len(micro_batches))
-    updated, grad_norm, _ = optimizer.step()
     load = expert_load.reduce_and_reset(context) if expert_load is not None else None
+    if not math.isfinite(lm_loss):
+        for model in models:
+            model.zero_grad_buffer()
+        optimizer.zero_grad()
+        return StepResult(lm_loss=lm_loss, lb_loss=router["lb_loss"], z_loss=router["z_loss"],
+                          grad_norm=float("nan"), updated=False, num_microbatches=len(micro_batches),
+                          expert_load=load)
+    updated, grad_norm, _ = optimizer.step()
     return StepResult(
         lm_loss=lm_loss,
         lb_loss=router["lb_loss"],

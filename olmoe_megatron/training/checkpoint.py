@@ -1,0 +1,212 @@
+"""Training checkpoints: model, optimizer, progress and RNG states, committed atomically.
+
+Layout of a checkpoint root:
+    ROOT/step_0000100/          a committed checkpoint (Megatron dist_checkpointing, torch_dist)
+    ROOT/step_0000100/rng/      per-rank RNG states (restored when the world size is unchanged)
+    ROOT/step_0000100/olmoe_run.yaml   the run config that wrote it
+    ROOT/latest                 name of the newest committed step directory
+
+A save writes everything into ROOT/.step_0000100.tmp, flushes it, renames it to step_0000100 and
+only then replaces `latest` (write + fsync + rename). A process killed during a save therefore
+leaves the previous checkpoint, and `latest`, intact; stale temporary directories are removed by
+the next save. The model and optimizer keys are global, so a checkpoint saved in one parallel
+layout loads into another (the distributed optimizer uses the 'fully_reshardable' format).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import StrictHandling
+
+from olmoe_megatron.config.base import dump_yaml
+from olmoe_megatron.training.dist_ckpt import load_model_state, model_sharded_state_dict
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+RUN_FILE = "olmoe_run.yaml"
+MODEL_FILE = "olmoe_model.yaml"
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    tokens: int = 0
+    nonfinite_streak: int = 0
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def resolve_load_path(spec: str | None, checkpoint_dir: str | None) -> Path | None:
+    """'latest' -> ROOT/<latest> (None if there is none yet); a root with `latest` -> its newest
+    step; otherwise the path itself (a step or model-only checkpoint)."""
+    if spec is None:
+        return None
+    if spec == "latest":
+        if checkpoint_dir is None:
+            return None
+        root = Path(checkpoint_dir)
+        return _read_latest(root)
+    path = Path(spec)
+    if (path / LATEST).is_file():
+        return _read_latest(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint.load={spec!r}: no such checkpoint directory")
+    return path
+
+
+def _read_latest(root: Path) -> Path | None:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    target = root / pointer.read_text().strip()
+    if not target.is_dir():
+        raise FileNotFoundError(f"{pointer} names {target.name}, which does not exist")
+    return target
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save_checkpoint(
+    root: str | Path,
+    *,
+    models: list,
+    optimizer,
+    progress: Progress,
+    run_config,
+    keep_last: int,
+) -> Path:
+    """Saves and commits a checkpoint of `progress.step` (collective: every rank calls it)."""
+    root = Path(root)
+    name = step_dir_name(progress.step)
+    final = root / name
+    tmp = root / f".{name}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd = model_sharded_state_dict(models)
+    state = {
+        **model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_METADATA),
+        "progress": dataclasses.asdict(progress),
+        "world_size": dist.get_world_size(),
+    }
+    dist_checkpointing.save(state, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / RUN_FILE).write_text(dump_yaml(run_config))
+        (tmp / MODEL_FILE).write_text(dump_yaml(run_config.model))
+        _fsync_tree(tmp)
+        os.rename(tmp, final)
+        pointer_tmp = root / f".{LATEST}.tmp"
+        pointer_tmp.write_text(name + "\n")
+        with open(pointer_tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(pointer_tmp, root / LATEST)
+        _prune(root, keep_last=keep_last, newest=name)
+    dist.barrier()
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _prune(root: Path, *, keep_last: int, newest: str) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        if old.name != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def has_optimizer_state(path: Path) -> bool:
+    """A training checkpoint (model + optimizer) rather than a model-only one."""
+    from megatron.core.dist_checkpointing import load_common_state_dict
+
+    return "progress" in (load_common_state_dict(str(path)) or {})
+
+
+def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer: bool) -> Progress:
+    """Loads `path` into models (and the optimizer); returns the saved progress.
+
+    A model-only checkpoint (a conversion, or load_optimizer=False) restores weights only and
+    returns Progress() so training starts at step 0 from these weights.
+    """
+    path = Path(path)
+    with_optimizer = load_optimizer and has_optimizer_state(path)
+    model_sd = model_sharded_state_dict(models)
+    request: dict = dict(model_sd)
+    if with_optimizer:
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIMIZER_METADATA)
+    state = dist_checkpointing.load(request, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    load_model_state(models, state)
+    if not with_optimizer:
+        # bf16 keeps fp32 master copies in the optimizer: refresh them from the loaded weights.
+        optimizer.reload_model_params()
+        logger.info("loaded model weights from %s (optimizer state not loaded)", path)
+        return Progress()
+    optimizer.load_state_dict(state["optimizer"])
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    progress = Progress(**common["progress"])
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if common.get("world_size") == dist.get_world_size() and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        logger.warning("world size changed (%s -> %s): RNG states not restored", common.get("world_size"),
+                       dist.get_world_size())
+    logger.info("resumed from %s at step %d (%d samples, %d tokens)", path, progress.step,
+                progress.consumed_samples, progress.tokens)
+    return progress

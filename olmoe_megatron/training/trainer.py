@@ -1,0 +1,188 @@
+"""The training loop: from a RunConfig to checkpoints and metrics, under torchrun or Slurm.
+
+    run = get_recipe("olmoe_tiny").with_overrides(["train.max_steps=10"])
+    exit_code = train(run)
+
+Preemption: SIGUSR1 or SIGTERM sets a flag; the ranks agree on it after the current step, save a
+checkpoint and exit with EXIT_REQUEUE (the Slurm entrypoint requeues the job, which resumes from
+`latest`). Non-finite losses skip the update; more than `train.max_nonfinite_steps` in a row save
+and stop with EXIT_NONFINITE.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
+from olmoe_megatron.parallel.context import ParallelContext, initialize
+from olmoe_megatron.run_config import RunConfig
+from olmoe_megatron.training.checkpoint import Progress, load_checkpoint, resolve_load_path, save_checkpoint
+from olmoe_megatron.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+from olmoe_megatron.training.metrics import MetricsWriter, job_peak_flops
+from olmoe_megatron.training.moe_metrics import ExpertLoadCounter
+from olmoe_megatron.training.schedule import learning_rate
+from olmoe_megatron.training.step import attach_training_hooks, build_optimizer, set_learning_rate, train_step, wrap_ddp
+
+logger = logging.getLogger(__name__)
+
+#: Test hook: comma-separated steps (1-based) whose loss is poisoned with NaN.
+FAULT_NAN_STEPS_ENV = "OLMOE_FAULT_NAN_STEPS"
+
+
+class _StopSignal:
+    """Remembers SIGUSR1/SIGTERM; the loop checks it between steps."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signum
+
+    def agreed(self, context: ParallelContext) -> bool:
+        """True on every rank once any rank has the signal (one tiny all-reduce per step)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=context.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def total_steps(run: RunConfig) -> int:
+    train = run.train
+    if train.max_steps is not None:
+        return train.max_steps
+    return math.ceil(train.max_tokens / train.tokens_per_step)
+
+
+def _fault_steps() -> set[int]:
+    raw = os.environ.get(FAULT_NAN_STEPS_ENV, "")
+    return {int(s) for s in raw.split(",") if s.strip()}
+
+
+def train(run: RunConfig) -> int:
+    """Trains `run` on the ranks of this torchrun/Slurm job; returns the process exit code."""
+    from olmoe_megatron.data.loader import MicroBatchIterator
+
+    stop_signal = _StopSignal()
+    context = initialize(run.parallel, run.model, seed=run.train.seed)
+    run.validate_world_size(context.world_size, backend=context.backend)
+    if not context.is_logging_rank:
+        logging.getLogger().setLevel(logging.WARNING)
+    train_cfg, model_cfg = run.train, run.model
+    config, _ = build_transformer_config(model_cfg, context, precision=run.precision, recompute=train_cfg.recompute)
+    chunks = build_model_chunks(model_cfg, context, precision=run.precision, config=config)
+    models = wrap_ddp(chunks, config, train=train_cfg, precision=run.precision)
+    optimizer = build_optimizer(models, train=train_cfg, precision=run.precision)
+    attach_training_hooks(config, models, optimizer)
+
+    progress = Progress()
+    load_path = resolve_load_path(run.checkpoint.load, run.checkpoint.dir)
+    if load_path is not None:
+        progress = load_checkpoint(load_path, models=models, optimizer=optimizer,
+                                   load_optimizer=run.checkpoint.load_optimizer)
+        if run.checkpoint.reset_data_position:
+            progress.consumed_samples = 0
+    steps = total_steps(run)
+    dataset = _build_dataset(run, context, num_samples=max(steps, 1) * train_cfg.global_batch_size)
+    batches = MicroBatchIterator(dataset, global_batch_size=train_cfg.global_batch_size,
+                                 micro_batch_size=train_cfg.micro_batch_size, dp_rank=context.dp_rank,
+                                 dp_size=context.dp_size, consumed_samples=progress.consumed_samples)
+
+    jsonl = run.metrics.jsonl or (os.path.join(run.checkpoint.dir, "metrics.jsonl") if run.checkpoint.dir else None)
+    writer = MetricsWriter(enabled=context.is_logging_rank, jsonl=jsonl, tensorboard_dir=run.metrics.tensorboard_dir,
+                           log_interval=train_cfg.log_interval)
+    peak_flops, peak_source = job_peak_flops(run.precision.torch_dtype, fp8=run.precision.fp8 is not None,
+                                             override=run.metrics.peak_flops)
+    flops_per_token = model_cfg.flops_per_token(train_cfg.seq_length)
+    load_counter = None
+    if run.metrics.expert_load and model_cfg.is_moe:
+        load_counter = ExpertLoadCounter(model_cfg.num_layers, model_cfg.num_experts).attach(chunks)
+    logger.info("training %s: %s; steps %d..%d; MFU peak %.3g FLOP/s (%s)", run.name,
+                run.parallel.describe(context.world_size), progress.step, steps, peak_flops, peak_source)
+
+    def save() -> None:
+        if run.checkpoint.dir:
+            save_checkpoint(run.checkpoint.dir, models=models, optimizer=optimizer, progress=progress,
+                            run_config=run, keep_last=run.checkpoint.keep_last)
+
+    fault_steps = _fault_steps()
+    exit_code = EXIT_OK
+    saved_at = progress.step
+    batch_iter = iter(batches)
+    try:
+        while progress.step < steps:
+            micro_batches = next(batch_iter)
+            lr = learning_rate(train_cfg, progress.tokens)
+            set_learning_rate(optimizer, lr)
+            start = time.perf_counter()
+            result = train_step(models, optimizer, micro_batches, context, model_config=model_cfg,
+                                seq_length=train_cfg.seq_length, expert_load=load_counter,
+                                poison=(progress.step + 1) in fault_steps)
+            elapsed = time.perf_counter() - start
+            progress.step += 1
+            progress.consumed_samples += train_cfg.global_batch_size
+            progress.tokens += train_cfg.tokens_per_step
+            progress.nonfinite_streak = 0 if result.finite else progress.nonfinite_streak + 1
+            tokens_per_s = train_cfg.tokens_per_step / elapsed
+            writer.write({
+                "step": progress.step, "lm_loss": result.lm_loss, "lb_loss": result.lb_loss,
+                "z_loss": result.z_loss, "grad_norm": result.grad_norm, "lr": lr, "tokens": progress.tokens,
+                "step_time_s": elapsed, "tokens_per_s": tokens_per_s,
+                "model_tflops": tokens_per_s * flops_per_token / 1e12,
+                "mfu": tokens_per_s * flops_per_token / peak_flops, "skipped": not result.updated,
+                "peak_mem_bytes": _peak_memory_bytes(), "layout": run.parallel.describe(context.world_size),
+                "expert_load": result.expert_load,
+            })
+            if not result.finite:
+                logger.warning("step %d: non-finite loss %s (grad norm %s); update skipped (%d in a row, limit %d)",
+                               progress.step, result.lm_loss, result.grad_norm, progress.nonfinite_streak,
+                               train_cfg.max_nonfinite_steps)
+                if progress.nonfinite_streak > train_cfg.max_nonfinite_steps:
+                    save()
+                    saved_at = progress.step
+                    logger.error("stopping at step %d: %d consecutive non-finite losses (last lm loss %s, lb %s, "
+                                 "z %s); checkpoint saved", progress.step, progress.nonfinite_streak,
+                                 result.lm_loss, result.lb_loss, result.z_loss)
+                    exit_code = EXIT_NONFINITE
+                    break
+            stop = stop_signal.agreed(context)
+            if run.checkpoint.dir and (progress.step % run.checkpoint.save_interval == 0 or stop):
+                save()
+                saved_at = progress.step
+            if stop:
+                logger.warning("signal %s: checkpoint saved at step %d; exiting for requeue",
+                               stop_signal.received, progress.step)
+                exit_code = EXIT_REQUEUE
+                break
+        if exit_code == EXIT_OK and run.checkpoint.save_on_exit and saved_at != progress.step:
+            save()
+    finally:
+        writer.close()
+        if load_counter is not None:
+            load_counter.detach()
+    dist.barrier()
+    return exit_code
+
+
+def _build_dataset(run: RunConfig, context: ParallelContext, *, num_samples: int):
+    """Rank 0 builds corpora and index caches first; the others then open what it built."""
+    kwargs = dict(seq_length=run.train.seq_length, num_samples=num_samples, vocab_size=run.model.vocab_size)
+    dataset = run.data.build(**kwargs) if context.rank == 0 else None
+    dist.barrier()
+    return dataset if dataset is not None else run.data.build(**kwargs)
+
+
+def _peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
