@@ -316,11 +316,14 @@ def _probe_device_cuda() -> bool:
 
 
 def _probe_type_cuda() -> bool:
+    """Megatron asserts CUDA type names; a call made from a megatron-core frame must see one."""
     import inspect
 
     from megatron.core.optimizer import clip_grads
 
-    return "torch.cuda.FloatTensor" in inspect.getsource(clip_grads) and ".cuda." not in torch.zeros(1).type()
+    still_asserted = "torch.cuda.FloatTensor" in inspect.getsource(clip_grads)
+    as_seen_by_megatron = eval(compile("t.type()", "/site-packages/megatron/core/probe.py", "eval"), {"t": torch.zeros(1)})
+    return still_asserted and ".cuda." not in as_seen_by_megatron
 
 
 def _probe_te_gemm_none() -> bool:
@@ -336,15 +339,17 @@ def _probe_a2a_splits() -> bool:
 
 
 def _probe_gloo_uneven_all_gather() -> bool:
-    """Needs a process group: checked by the multi-rank tests (gloo rejects unequal sizes)."""
+    """gloo rejects an all_gather of unequal sizes (needs a process group; True without one)."""
     import torch.distributed as dist
+    from torch.distributed import distributed_c10d
 
     if not dist.is_initialized():
         return True
-    group = dist.new_group(backend="gloo")
     sizes = [1 + r for r in range(dist.get_world_size())]
     outs = [torch.empty(n) for n in sizes]
-    return _raises(lambda: dist.all_gather(outs, torch.ones(sizes[dist.get_rank()]), group=group))
+    mine = torch.ones(sizes[dist.get_rank()])
+    gather = dist.all_gather if "gloo_uneven_all_gather" in _installed else distributed_c10d.all_gather
+    return _raises(lambda: gather(outs, mine))
 
 
 def _probe_no_compile() -> bool:

@@ -19,7 +19,6 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.launcher.slurm_render import (
@@ -87,31 +86,18 @@ def _split_recipe(tokens: list[str], default: str) -> tuple[str, list[str]]:
     return recipe, rest
 
 
-def check_world_size(
-    recipe: str,
-    overrides: list[str],
-    world_size: int,
-    *,
-    get_recipe: Callable[[str], Any] | None = None,
-) -> None:
+def check_world_size(recipe: str, overrides: list[str], world_size: int, *, backend: str = "nccl") -> None:
     """Raises ConfigError unless `world_size` ranks fit the layout of `recipe` with `overrides`.
 
     Args:
         recipe: recipe name.
-        overrides: dotted overrides (`--parallel.expert_model_parallel_size=8`) applied first.
+        overrides: dotted overrides (`--parallel.expert_parallel=8`) applied first.
         world_size: nodes x ranks per node.
-        get_recipe: name -> run config with `with_overrides` and `validate_world_size`;
-            default `olmoe_megatron.recipes.get_recipe`.
+        backend: "nccl" on GPU nodes, "gloo" on CPU nodes (some layout rules differ).
     """
-    if get_recipe is None:
-        try:
-            from olmoe_megatron.recipes import get_recipe
-        except ImportError as exc:
-            raise ConfigError(
-                f"cannot check --recipe {recipe!r} against world size {world_size}: "
-                f"olmoe_megatron.recipes is not importable ({exc}); reinstall the package (pip install -e .)"
-            ) from None
-    get_recipe(recipe).with_overrides(list(overrides)).validate_world_size(world_size)
+    from olmoe_megatron.recipes import get_recipe
+
+    get_recipe(recipe).with_overrides(list(overrides)).validate_world_size(world_size, backend=backend)
 
 
 def _venv(args: argparse.Namespace) -> str | None:
@@ -124,12 +110,11 @@ def _venv(args: argparse.Namespace) -> str | None:
     return sys.prefix
 
 
-def prepare(args: argparse.Namespace, *, get_recipe: Callable[[str], Any] | None = None) -> tuple[SlurmJobConfig, str]:
+def prepare(args: argparse.Namespace) -> tuple[SlurmJobConfig, str]:
     """Checks the run against the world size and renders its script: (job config, script text).
 
     Args:
         args: the parsed `olmoe slurm` arguments, with `args.overrides`.
-        get_recipe: see `check_world_size`.
     """
     overrides = list(args.overrides)
     # Every SlurmJobConfig field has a command-line option of the same name.
@@ -138,7 +123,8 @@ def prepare(args: argparse.Namespace, *, get_recipe: Callable[[str], Any] | None
     # Absolute, so the job writes where the user looked, whatever its working directory.
     fields["log_dir"] = str(Path(args.log_dir).resolve())
     job = SlurmJobConfig(**fields)
-    check_world_size(args.recipe, overrides, job.world_size, get_recipe=get_recipe)
+    backend = "nccl" if job.gpus_per_node else "gloo"
+    check_world_size(args.recipe, overrides, job.world_size, backend=backend)
     sweep_file, num_entries = None, None
     if args.sweep is not None:
         sweep_file = args.sweep.resolve()
@@ -146,7 +132,7 @@ def prepare(args: argparse.Namespace, *, get_recipe: Callable[[str], Any] | None
         for index, entry in enumerate(entries):
             recipe, entry_overrides = _split_recipe(entry, args.recipe)
             try:
-                check_world_size(recipe, overrides + entry_overrides, job.world_size, get_recipe=get_recipe)
+                check_world_size(recipe, overrides + entry_overrides, job.world_size, backend=backend)
             except ConfigError as exc:
                 raise ConfigError(f"sweep entry {index} ({' '.join(entry)}): {exc}") from None
         num_entries = len(entries)

@@ -70,7 +70,7 @@ def _unknown_key_message(cls: type, key: str, *, prefix: str) -> str:
     close = difflib.get_close_matches(key, names, n=3)
     hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
     return (
-        f"unknown config key {prefix}{key!r} for {cls.__name__}{hint} "
+        f"unknown config key {prefix + key!r} for {cls.__name__}{hint} "
         f"Valid keys: {', '.join(names)}"
     )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from olmoe_megatron.launcher.slurm_render import SlurmJobConfig, render_sbatch
 from slurm_jobs import SLURM_DIR, job_environment, sbatch, wait_for_file, wait_for_job
 
 pytestmark = pytest.mark.slurm
@@ -102,10 +103,18 @@ def test_torchrun_over_two_nodes_all_reduces(tmp_path):
     assert sorted(node for _, node in results) == ["n1", "n1", "n2", "n2"], text
 
 
-def test_one_task_per_rank_over_two_nodes_all_reduces(tmp_path):
+def test_rendered_script_with_one_task_per_rank_all_reduces(tmp_path):
+    # The script `olmoe slurm submit` writes, as sbatch receives it: header, exports, body.
     script = _script(tmp_path, "all_reduce.py", ALL_REDUCE)
-    job_id, log = _submit_train(tmp_path, ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1"],
-                                [sys.executable, str(script)])
+    job = SlurmJobConfig(nodes=2, gpus_per_node=0, nproc_per_node=2, cpus_per_task=1, time="5",
+                         signal_seconds=10, log_dir=str(tmp_path), launch="srun", job_name="rendered")
+    rendered = tmp_path / "rendered.sbatch"
+    rendered.write_text(render_sbatch(job, command=[sys.executable, str(script)], slurm_dir=SLURM_DIR, venv=sys.prefix))
+    result = subprocess.run(["sbatch", "--parsable", str(rendered)], env=job_environment(), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().split(";")[0]
+    log = tmp_path / f"rendered-{job_id}.out"
     [record] = wait_for_job(job_id, timeout_s=120, log=log)
     text = log.read_text()
     assert record["JobState"] == "COMPLETED", text

@@ -8,64 +8,20 @@ successful `$(...)`, backtick or `;` injection would create must not exist.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib.util
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from olmoe_megatron.config import Config, ConfigError
+from olmoe_megatron.config import ConfigError
 from olmoe_megatron.launcher.cli import build_parser
 from olmoe_megatron.launcher.commands.slurm import check_world_size, prepare
 from olmoe_megatron.launcher.slurm_render import SlurmJobConfig, default_slurm_dir, render_sbatch
 
 SLURM_DIR = default_slurm_dir()
-HAVE_RECIPES = importlib.util.find_spec("olmoe_megatron.recipes") is not None
-
-
-# A stand-in for olmoe_megatron.recipes while it is being written (used only when it is missing):
-# the same surface, `get_recipe(name).with_overrides([...]).validate_world_size(n)`.
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class _StandInLayout(Config):
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    expert_parallel: int = 1
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class _StandInTrain(Config):
-    max_steps: int = 10
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class _StandInRun(Config):
-    parallel: _StandInLayout = dataclasses.field(default_factory=_StandInLayout)
-    train: _StandInTrain = dataclasses.field(default_factory=_StandInTrain)
-
-    def validate_world_size(self, world_size: int) -> None:
-        p = self.parallel
-        model_parallel = p.tensor_parallel * p.pipeline_parallel
-        if world_size % model_parallel or (world_size // model_parallel) % p.expert_parallel:
-            raise ConfigError(
-                f"world size {world_size} does not fit parallel.tensor_parallel={p.tensor_parallel} x "
-                f"parallel.pipeline_parallel={p.pipeline_parallel} with parallel.expert_parallel="
-                f"{p.expert_parallel} dividing the data-parallel size"
-            )
-
-
-def _stand_in_get_recipe(name: str) -> _StandInRun:
-    if name != "olmoe_tiny":
-        raise ConfigError(f"unknown recipe {name!r}; try olmoe_tiny")
-    return _StandInRun()
-
-
-if HAVE_RECIPES:
-    from olmoe_megatron.recipes import get_recipe as GET_RECIPE  # noqa: N812
-else:
-    GET_RECIPE = _stand_in_get_recipe
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -232,25 +188,25 @@ def test_sweep_lines_are_split_never_evaluated(tmp_path):
 
 
 def test_world_size_is_checked_with_overrides():
-    check_world_size("olmoe_tiny", [], 4, get_recipe=GET_RECIPE)
+    check_world_size("olmoe_tiny", [], 4)
     with pytest.raises(ConfigError):
-        check_world_size("olmoe_tiny", ["--parallel.tensor_parallel=2"], 3, get_recipe=GET_RECIPE)
+        check_world_size("olmoe_tiny", ["--parallel.tensor_parallel=2"], 3)
 
 
 def test_prepare_refuses_a_world_size_the_layout_cannot_use(tmp_path):
     args = _args("render", "--recipe", "olmoe_tiny", "--nodes", "3", "--gpus-per-node", "0",
                  "--nproc-per-node", "1", "--log-dir", str(tmp_path), "--parallel.tensor_parallel=2")
     with pytest.raises(ConfigError):
-        prepare(args, get_recipe=GET_RECIPE)
+        prepare(args)
 
 
 def test_prepare_checks_every_sweep_entry(tmp_path):
     sweep = tmp_path / "layouts.txt"
-    sweep.write_text("--parallel.tensor_parallel=1\n--parallel.tensor_parallel=2\n--parallel.tensor_parallel=4\n")
+    sweep.write_text("--parallel.expert_parallel=1\n--parallel.expert_parallel=2\n--parallel.expert_parallel=4\n")
     base = ["render", "--recipe", "olmoe_tiny", "--gpus-per-node", "0", "--log-dir", str(tmp_path), "--sweep", str(sweep)]
     with pytest.raises(ConfigError, match="sweep entry 2"):
-        prepare(_args(*base, "--nodes", "1", "--nproc-per-node", "2"), get_recipe=GET_RECIPE)
-    job, script = prepare(_args(*base, "--nodes", "2", "--nproc-per-node", "2"), get_recipe=GET_RECIPE)
+        prepare(_args(*base, "--nodes", "1", "--nproc-per-node", "2"))
+    job, script = prepare(_args(*base, "--nodes", "2", "--nproc-per-node", "2"))
     assert job.world_size == 4
     assert "#SBATCH --array=0-2" in script
     assert f"set -- {sweep} olmoe train --recipe olmoe_tiny" in script
@@ -260,19 +216,16 @@ def test_prepare_renders_the_trainer_command_with_overrides(tmp_path):
     args = _args("render", "--recipe", "olmoe_tiny", "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "2",
                  "--job-name", "tiny", "--log-dir", str(tmp_path / "logs"), "--venv", "none",
                  "--train.max_steps=5")
-    job, script = prepare(args, get_recipe=GET_RECIPE)
+    job, script = prepare(args)
     assert job.world_size == 4 and job.job_name == "tiny"
     assert "set -- olmoe train --recipe olmoe_tiny --train.max_steps=5" in script
     assert f"#SBATCH --output={tmp_path}/logs/%x-%j.out" in script
     assert "OLMOE_VENV" not in script
 
 
-@pytest.mark.skipif(not HAVE_RECIPES, reason="olmoe_megatron.recipes does not exist yet (being written)")
-def test_cli_render_reports_a_config_error_and_submits_nothing(tmp_path):
-    olmoe = Path(os.__file__).parents[3] / "bin" / "olmoe"
-    olmoe = olmoe if olmoe.exists() else "olmoe"
+def test_cli_submit_reports_a_config_error_and_submits_nothing(tmp_path):
     result = subprocess.run(
-        [str(olmoe), "slurm", "submit", "--recipe", "olmoe_tiny", "--nodes", "3", "--gpus-per-node", "0",
+        [str(Path(sys.prefix) / "bin" / "olmoe"), "slurm", "submit", "--recipe", "olmoe_tiny", "--nodes", "3", "--gpus-per-node", "0",
          "--nproc-per-node", "1", "--log-dir", str(tmp_path), "--parallel.tensor_parallel=2"],
         capture_output=True, text=True, timeout=120,
     )

@@ -1,0 +1,84 @@
+"""Config machinery: dotted overrides, unknown keys, YAML round trips, error messages."""
+
+import pytest
+
+from olmoe_megatron.config import ConfigError
+from olmoe_megatron.config.base import dump_yaml, load_yaml
+from olmoe_megatron.launcher.run_args import resolve_run_config
+from olmoe_megatron.recipes import get_recipe, list_recipes
+from olmoe_megatron.run_config import RunConfig
+
+
+def test_dotted_overrides_change_fields_and_coerce_types():
+    run = get_recipe("olmoe_1b_7b").with_overrides(
+        ["--model.num_experts=32", "train.lr=4e-4", "--train.use_distributed_optimizer=false",
+         "--parallel.virtual_pipeline_parallel=null"]
+    )
+    assert run.model.num_experts == 32
+    assert run.train.lr == pytest.approx(4e-4) and isinstance(run.train.lr, float)
+    assert run.train.use_distributed_optimizer is False
+    assert run.parallel.virtual_pipeline_parallel is None
+    # the original is untouched (frozen values)
+    assert get_recipe("olmoe_1b_7b").model.num_experts == 64
+
+
+def test_unknown_key_is_an_error_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.num_expert'.*did you mean model.num_experts"):
+        get_recipe("olmoe_tiny").with_overrides(["model.num_expert=4"])
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        get_recipe("olmoe_tiny").with_overrides(["trian.lr=1"])
+
+
+def test_bad_values_name_field_value_and_rule():
+    with pytest.raises(ConfigError, match=r"train.lr='fast' must be a number"):
+        get_recipe("olmoe_tiny").with_overrides(["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"model.top_k=9 must be between 1 and model.num_experts=8"):
+        get_recipe("olmoe_tiny").with_overrides(["model.top_k=9"])
+    with pytest.raises(ConfigError, match=r"precision.dtype='fp16' must be one of 'bf16', 'fp32'"):
+        get_recipe("olmoe_tiny").with_overrides(["precision.dtype=fp16"])
+    with pytest.raises(ConfigError, match="has no value"):
+        get_recipe("olmoe_tiny").with_overrides(["--model.num_experts"])
+
+
+def test_configs_are_frozen():
+    run = get_recipe("olmoe_tiny")
+    with pytest.raises(Exception):
+        run.model.num_experts = 3  # type: ignore[misc]
+
+
+def test_yaml_round_trip(tmp_path):
+    run = get_recipe("olmoe_demo")
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_yaml(run))
+    assert load_yaml(RunConfig, path) == run
+
+
+def test_yaml_file_over_recipe_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.002\n  max_steps: 7\nmodel:\n  num_experts: 16\n")
+    import argparse
+
+    args = argparse.Namespace(recipe="olmoe_tiny", config=str(path), overrides=["--train.max_steps=9"])
+    run = resolve_run_config(args)
+    assert (run.train.lr, run.train.max_steps, run.model.num_experts) == (0.002, 9, 16)
+    path.write_text("train:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown config key 'train.lrr'"):
+        resolve_run_config(argparse.Namespace(recipe="olmoe_tiny", config=str(path), overrides=[]))
+
+
+def test_recipes_listed_and_unknown_recipe_error():
+    names = list_recipes()
+    for expected in ("olmoe_1b_7b", "olmoe_tiny", "olmoe_small", "ablation_8e_top1", "ablation_32e_top4",
+                     "ablation_64e_top8", "ablation_shared_expert", "ablation_no_lb", "ablation_no_zloss",
+                     "ablation_dense"):
+        assert expected in names
+    with pytest.raises(ConfigError, match="did you mean olmoe_tiny"):
+        get_recipe("olmoe_tiyn")
+
+
+def test_cross_config_rules_on_the_root():
+    with pytest.raises(ConfigError, match=r"train.seq_length=8192 exceeds model.max_sequence_length=4096"):
+        get_recipe("olmoe_1b_7b").with_overrides(["train.seq_length=8192"])
+    run = get_recipe("olmoe_1b_7b")
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=1024 must be a multiple of .*8\*256=2048"):
+        run.with_overrides(["train.micro_batch_size=8"]).validate_world_size(256)
