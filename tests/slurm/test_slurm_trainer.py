@@ -28,7 +28,7 @@ from slurm_jobs import job_records, wait_for_job
 OLMOE = str(Path(sys.prefix) / "bin" / "olmoe")
 # Long enough for SIGUSR1 to land mid-run on 2 shared cores; raise it if test 2 reports a run that
 # finished before the signal.
-NUM_STEPS = int(os.environ.get("OLMOE_SLURM_TEST_STEPS", "30"))
+NUM_STEPS = int(os.environ.get("OLMOE_SLURM_TEST_STEPS", "20"))
 
 
 def _trainer_missing() -> str | None:
@@ -43,6 +43,9 @@ def _trainer_missing() -> str | None:
 
 
 _MISSING = _trainer_missing()
+# sbatch passes the submitting environment on. The trainer imports megatron.core and olmoe_megatron
+# itself, so the health check need not import them first (it does in test_slurm_cluster.py).
+_SUBMIT_ENV = {**os.environ, "OLMOE_HEALTH_IMPORTS": "torch"}
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
 
 
@@ -69,7 +72,7 @@ def _submit(tmp: Path, name: str, extra: list[str], *, train_args: list[str]) ->
     cmd = [OLMOE, "slurm", "submit", "--recipe", "olmoe_tiny", "--nodes", "2", "--gpus-per-node", "0",
            "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "10", "--signal-seconds", "10",
            "--job-name", name, "--log-dir", str(log_dir), *extra, *train_args[2:]]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_SUBMIT_ENV)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip().splitlines()[-1]
     return job_id, log_dir
@@ -124,12 +127,13 @@ def test_sweep_over_three_layouts_and_report(tmp_path):
         "--parallel.tensor_parallel=2 --parallel.sequence_parallel=true\n"
     )
     metrics_dir = tmp_path / "sweep"
+    # One CPU per task: all three array tasks fit on the two emulated nodes at once.
     cmd = [OLMOE, "slurm", "submit", "--recipe", "olmoe_tiny", "--nodes", "1", "--gpus-per-node", "0",
-           "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "10", "--signal-seconds", "10",
+           "--nproc-per-node", "2", "--cpus-per-task", "1", "--time", "10", "--signal-seconds", "10",
            "--job-name", "sweep", "--log-dir", str(tmp_path / "logs"), "--sweep", str(sweep),
            "--train.max_steps=4", f"--checkpoint.dir={tmp_path}/ckpt/{{task}}",
            f"--metrics.jsonl={metrics_dir}/{{task}}.jsonl"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_SUBMIT_ENV)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip().splitlines()[-1]
     records = wait_for_job(job_id, timeout_s=240, log=tmp_path / "logs" / f"sweep-{job_id}_0.out")
