@@ -181,3 +181,117 @@ def unfuse_hf_experts(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[s
             out[p + f"{e}.up_proj.weight"] = up
             out[p + f"{e}.down_proj.weight"] = hf[p + "down_proj"][e]
     return out
+
+
+# --------------------------------------------------------------------------- config.json -> ours
+#: HF OlmoeConfig fields whose value we cannot represent, with the only value we accept.
+_HF_FIXED = {
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "clip_qkv": None,
+    "norm_topk_prob": False,
+    "tie_word_embeddings": False,
+}
+
+
+def model_config_from_hf(hf_config: dict, *, base: ModelConfig | None = None, source: str = "config.json") -> ModelConfig:
+    """The ModelConfig of an HF OlmoeForCausalLM config.json (the inverse of `hf_config_dict`).
+
+    Architecture fields come from `hf_config`; everything HF does not record (z-loss weight, init
+    cutoff, expert implementation) from `base` (default: ModelConfig's defaults). The embedding
+    rows are HF's vocab_size rounded up to a multiple of 128 (zero rows are added if HF has fewer).
+
+    Raises:
+        ConfigError: another architecture, or an OLMoE option we do not implement.
+    """
+    from olmoe_megatron.config import ConfigError
+
+    archs = hf_config.get("architectures") or []
+    if hf_config.get("model_type") != "olmoe" or (archs and "OlmoeForCausalLM" not in archs):
+        raise ConfigError(
+            f"{source}: model_type={hf_config.get('model_type')!r}, architectures={archs} is not an OLMoE "
+            "checkpoint; hf-to-mcore converts model_type='olmoe' (OlmoeForCausalLM) only"
+        )
+    for name, wanted in _HF_FIXED.items():
+        value = hf_config.get(name, wanted)
+        if value != wanted:
+            raise ConfigError(f"{source}: {name}={value!r} is not supported (OLMoE uses {wanted!r}); "
+                              "the converted model would compute a different function")
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"{source}: rope_type={rope.get('rope_type')!r} is not supported; use 'default'")
+    vocab = int(hf_config["vocab_size"])
+    heads = int(hf_config["num_attention_heads"])
+    d_model = int(hf_config["hidden_size"])
+    head_dim = hf_config.get("head_dim")
+    fields = dict(
+        num_layers=int(hf_config["num_hidden_layers"]),
+        d_model=d_model,
+        num_heads=heads,
+        num_kv_heads=None if hf_config.get("num_key_value_heads", heads) == heads else int(hf_config["num_key_value_heads"]),
+        head_dim=None if head_dim in (None, d_model // heads) else int(head_dim),
+        vocab_size=vocab,
+        padded_vocab_size=128 * -(-vocab // 128),
+        max_sequence_length=int(hf_config.get("max_position_embeddings", 4096)),
+        rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10_000.0))),
+        norm_eps=float(hf_config.get("rms_norm_eps", 1e-5)),
+        qk_norm=True,
+        num_experts=int(hf_config["num_experts"]),
+        top_k=int(hf_config["num_experts_per_tok"]),
+        expert_ffn_hidden_size=int(hf_config["intermediate_size"]),
+        num_shared_experts=0,
+        router_aux_loss_coeff=float(hf_config.get("router_aux_loss_coef", 0.01)),
+        init_std=float(hf_config.get("initializer_range", 0.02)),
+    )
+    return (base or ModelConfig()).replace(**fields)
+
+
+def hf_non_layer_shapes(model: ModelConfig, *, vocab_rows: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Shapes of the HF keys outside the decoder layers (`vocab_rows`: default padded_vocab_size)."""
+    rows = model.padded_vocab_size if vocab_rows is None else vocab_rows
+    return {
+        "model.embed_tokens.weight": (rows, model.d_model),
+        "model.norm.weight": (model.d_model,),
+        "lm_head.weight": (rows, model.d_model),
+    }
+
+
+def hf_layer_shapes(model: ModelConfig, i: int, *, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+    """Shapes of one decoder layer's HF keys: per-expert (as saved) or transformers 5's fused form."""
+    p = _HF_LAYER.format(i=i)
+    d, f, e = model.d_model, model.expert_ffn_hidden_size, model.num_experts
+    q, kv = model.num_heads * model.kv_channels, model.kv_heads * model.kv_channels
+    out = {
+        p + "input_layernorm.weight": (d,),
+        p + "self_attn.q_proj.weight": (q, d),
+        p + "self_attn.k_proj.weight": (kv, d),
+        p + "self_attn.v_proj.weight": (kv, d),
+        p + "self_attn.o_proj.weight": (d, q),
+        p + "post_attention_layernorm.weight": (d,),
+        p + "mlp.gate.weight": (e, d),
+    }
+    if model.qk_norm:
+        out[p + "self_attn.q_norm.weight"] = (q,)
+        out[p + "self_attn.k_norm.weight"] = (kv,)
+    if fused_experts:
+        out[p + "mlp.experts.gate_up_proj"] = (e, 2 * f, d)
+        out[p + "mlp.experts.down_proj"] = (e, d, f)
+    else:
+        for j in range(e):
+            out[p + f"mlp.experts.{j}.gate_proj.weight"] = (f, d)
+            out[p + f"mlp.experts.{j}.up_proj.weight"] = (f, d)
+            out[p + f"mlp.experts.{j}.down_proj.weight"] = (d, f)
+    return out
+
+
+def unfuse_hf_layer(hf: dict[str, torch.Tensor], i: int, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """One layer's fused experts (gate_up_proj [E, 2F, H], down_proj [E, H, F]) -> per-expert keys."""
+    p = _HF_LAYER.format(i=i) + "mlp.experts."
+    out = {k: v for k, v in hf.items() if k not in (p + "gate_up_proj", p + "down_proj")}
+    if p + "gate_up_proj" in hf:
+        for e in range(model.num_experts):
+            gate, up = torch.chunk(hf[p + "gate_up_proj"][e], 2, dim=0)
+            out[p + f"{e}.gate_proj.weight"] = gate
+            out[p + f"{e}.up_proj.weight"] = up
+            out[p + f"{e}.down_proj.weight"] = hf[p + "down_proj"][e]
+    return out
