@@ -173,13 +173,8 @@ def unfuse_hf_experts(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[s
     out = {k: v for k, v in hf.items() if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
     for i in range(model.num_layers):
         p = _HF_LAYER.format(i=i) + "mlp.experts."
-        if p + "gate_up_proj" not in hf:
-            continue
-        for e in range(model.num_experts):
-            gate, up = torch.chunk(hf[p + "gate_up_proj"][e], 2, dim=0)
-            out[p + f"{e}.gate_proj.weight"] = gate
-            out[p + f"{e}.up_proj.weight"] = up
-            out[p + f"{e}.down_proj.weight"] = hf[p + "down_proj"][e]
+        fused = {k: hf[k] for k in (p + "gate_up_proj", p + "down_proj") if k in hf}
+        out.update(unfuse_hf_layer(fused, i, model))
     return out
 
 
