@@ -138,6 +138,7 @@ def hf_to_mcore(
             mcore_io.fill_parameters(params, tensors, what=f"layer {i}")
             filled.update(tensors)
             del hf_layer, tensors
+            mcore_io.release_freed_memory()
             logger.info("hf-to-mcore: layer %d/%d", i + 1, model.num_layers)
         unfilled = set(params) - filled
         if unfilled:

@@ -10,6 +10,7 @@ factories a training run writes, so the checkpoint loads in any layout.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import re
 from pathlib import Path
@@ -55,6 +56,15 @@ def build_empty_model(model: ModelConfig, *, dtype: torch.dtype) -> torch.nn.Mod
     config = dataclasses.replace(config, perform_initialization=False)
     (chunk,) = build_model_chunks(model, context, precision=precision, config=config)
     return chunk
+
+
+def release_freed_memory() -> None:
+    """Returns freed heap pages to the OS (glibc): after the first large frees, glibc raises its mmap
+    threshold and keeps freed layer-sized buffers in the heap, so RSS would grow by a layer per layer."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def layer_index(key: str) -> int | None:

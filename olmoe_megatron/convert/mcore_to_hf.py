@@ -66,6 +66,7 @@ def mcore_to_hf(
             loaded = mcore_io.load_entries(directory, layers[i], dtype=dtype)
             writer.write(hf_mapping.layer_to_hf(loaded, i, model))
             del loaded
+            mcore_io.release_freed_memory()
             logger.info("mcore-to-hf: layer %d/%d", i + 1, model.num_layers)
         loaded = mcore_io.load_entries(directory, outside, dtype=dtype)
         tensors = hf_mapping.non_layer_to_hf(loaded)

@@ -97,6 +97,7 @@ def upcycle(
             mcore_io.fill_parameters(params, tensors, what=f"layer {i}")
             filled.update(tensors)
             del loaded, tensors
+            mcore_io.release_freed_memory()
         unfilled = set(params) - filled
         if unfilled:
             raise ConversionError(f"upcycling left model parameters unset: {list_keys(unfilled)}")

@@ -172,3 +172,24 @@ def router_losses(model_dict: dict, *, checkpoint: str, tokens: torch.Tensor) ->
     losses = run_forward_backward(chunks, [_micro_batch(tokens)], context, seq_length=tokens.shape[1] - 1)
     router = reduce_router_losses(model, context, num_microbatches=1)
     return {"lb_loss": router["lb_loss"], "lm_loss": float(losses[0]["lm_loss"])}
+
+
+def save_random_model(model: ModelConfig, directory: str | Path, *, seed: int = 0) -> Path:
+    """A freshly initialised fp32 model of ours saved as a model checkpoint (world of one)."""
+    from olmoe_megatron.convert.mcore_io import write_model_config
+    from olmoe_megatron.model.build import build_model_chunks
+    from olmoe_megatron.model.precision import PrecisionConfig
+    from olmoe_megatron.parallel.context import initialize
+    from olmoe_megatron.parallel.layout import ParallelLayout
+    from olmoe_megatron.training.dist_ckpt import save_model
+
+    context = initialize(ParallelLayout(), model, seed=seed, backend="gloo")
+    chunks = build_model_chunks(model, context, precision=PrecisionConfig(dtype="fp32", spec="local"))
+    with torch.no_grad():
+        for name, param in chunks[0].named_parameters():
+            if name.endswith(("norm.weight", "layer_norm_weight", "layernorm.weight")):
+                param.uniform_(0.5, 1.5)
+    directory = Path(directory)
+    save_model(chunks, directory)
+    write_model_config(directory, model)
+    return directory

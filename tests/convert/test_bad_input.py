@@ -28,6 +28,12 @@ def _rewrite(hf_dir, change) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
+def _edit_config(hf_dir, **changes) -> None:
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.update(changes)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+
+
 def _assert_nothing_written(out) -> None:
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
@@ -48,27 +54,21 @@ def test_extra_keys_are_listed(hf_copy, tmp_path):
 
 
 def test_shape_mismatch_names_keys_and_shapes(hf_copy, tmp_path):
-    config = json.loads((hf_copy / "config.json").read_text())
-    config["intermediate_size"] = 48
-    (hf_copy / "config.json").write_text(json.dumps(config))
+    _edit_config(hf_copy, intermediate_size=48)
     with pytest.raises(ConversionError, match=r"shape mismatches: model\.layers\.0\.mlp\.experts\.0\.down_proj\.weight \(64, 32\) \(expected \(64, 48\)\)"):
         hf_to_mcore(hf_copy, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
 
 
 def test_other_architecture_is_refused(hf_copy, tmp_path):
-    config = json.loads((hf_copy / "config.json").read_text())
-    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
-    (hf_copy / "config.json").write_text(json.dumps(config))
+    _edit_config(hf_copy, model_type="llama", architectures=["LlamaForCausalLM"])
     with pytest.raises(ConfigError, match=r"model_type='llama'.*not an OLMoE checkpoint"):
         hf_to_mcore(hf_copy, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
 
 
 def test_unsupported_olmoe_option_is_refused(hf_copy, tmp_path):
-    config = json.loads((hf_copy / "config.json").read_text())
-    config["norm_topk_prob"] = True
-    (hf_copy / "config.json").write_text(json.dumps(config))
+    _edit_config(hf_copy, norm_topk_prob=True)
     with pytest.raises(ConfigError, match="norm_topk_prob=True is not supported"):
         hf_to_mcore(hf_copy, tmp_path / "out")
 
