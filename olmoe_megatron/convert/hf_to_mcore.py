@@ -2,8 +2,10 @@
 
 Streaming: every key's shape is checked from the safetensors headers first (no data read), then
 one decoder layer at a time is read, mapped (QKV interleave, cat(gate, up)) and copied into an
-uninitialised world-of-one model; the source layer is freed before the next one is read. Peak
-memory is one model in the checkpoint's dtype plus one layer, never two models.
+uninitialised world-of-one model; the source layer is freed before the next one is read. The
+HF side is never held whole; the model is held once, in the checkpoint's dtype. Measured peak
+(benchmarks/convert_memory.py): about 1.4x the model, because Megatron's torch_dist writer clones
+the gate/up halves of every expert fc1 (views of one parameter) before writing them.
 
 Vocabulary: the embedding and output matrices get HF's rows rounded up to a multiple of 128; if HF
 has fewer rows the extra rows are zeros (a logged warning says so) and `vocab_size` records HF's.
