@@ -290,6 +290,38 @@ def _apply_fork_results_queue():
     filesystem_async._get_write_results_queue = _get_write_results_queue
 
 
+def _apply_dist_opt_step_state():
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        # torch.optim.Adam keeps a per-parameter "step"; the checkpoint carries it in the param
+        # groups (already restored by load_state_dict), not among the per-parameter tensors.
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        main_param.detach().copy_(tensors["param"])
+        for key, value in state.items():
+            if key != "step":
+                value.copy_(tensors[key])
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    original_load = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        # The loader gives every parameter the SAME "step" tensor; torch Adam increments it in
+        # place once per parameter, so bias correction runs away after a resume. Untie them.
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
 # ----------------------------------------------------------------------------- probes
 def _probe_current_device() -> bool:
     return _raises(torch.cuda.current_device)
@@ -373,6 +405,18 @@ def _probe_fork_results_queue() -> bool:
     return 'get_context("spawn")' in inspect.getsource(filesystem_async._get_write_results_queue)
 
 
+def _probe_dist_opt_step_state() -> bool:
+    import inspect
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    setter = inspect.getsource(DistributedOptimizer._set_main_param_and_optimizer_states)
+    loader = inspect.getsource(DistributedOptimizer.load_state_dict)
+    return ("dst_tensors[key].copy_(tensors[key])" in setter and "step" not in setter) or (
+        's["step"] = step\n' in loader
+    )
+
+
 PATCHES: dict[str, Patch] = {
     p.name: p
     for p in [
@@ -408,6 +452,11 @@ PATCHES: dict[str, Patch] = {
         Patch("fork_results_queue", "dist_checkpointing's async writer starts a 'spawn' Manager "
               "that re-imports __main__ (seconds per save, and hangs scripts without a main guard)",
               _apply_fork_results_queue, _probe_fork_results_queue),
+        Patch("dist_opt_step_state", "megatron-core 0.16.1 bugs without apex/TE: loading a "
+              "'fully_reshardable' distributed-optimizer checkpoint copies torch Adam's per-parameter "
+              "'step', which the checkpoint does not hold (KeyError), and gives all parameters one "
+              "shared 'step' tensor that Adam then increments once per parameter", _apply_dist_opt_step_state,
+              _probe_dist_opt_step_state),
     ]
 }
 

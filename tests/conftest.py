@@ -32,12 +32,13 @@ def _have_slurm() -> bool:
 
 def pytest_collection_modifyitems(config, items):
     gpu_skip = None if _have_cuda() else pytest.mark.skip(reason="no CUDA GPU on this machine (torch.cuda.is_available() is False)")
-    slurm_marked = [i for i in items if "slurm" in i.keywords]
+    slurm_marked = [i for i in items if i.get_closest_marker("slurm")]
     slurm_skip = None
     if slurm_marked and not _have_slurm():
         slurm_skip = pytest.mark.skip(reason="no Slurm cluster answers `sinfo` (start one with slurm/local/up.sh)")
     for item in items:
-        if gpu_skip is not None and "gpu" in item.keywords:
+        # get_closest_marker, not item.keywords: the tests/slurm folder name is a keyword too.
+        if gpu_skip is not None and item.get_closest_marker("gpu"):
             item.add_marker(gpu_skip)
-        if slurm_skip is not None and "slurm" in item.keywords:
+        if slurm_skip is not None and item.get_closest_marker("slurm"):
             item.add_marker(slurm_skip)

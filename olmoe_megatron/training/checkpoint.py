@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import StrictHandling
 
+from olmoe_megatron.config import ConfigError
 from olmoe_megatron.config.base import dump_yaml
 from olmoe_megatron.training.dist_ckpt import load_model_state, model_sharded_state_dict
 
@@ -36,7 +38,14 @@ logger = logging.getLogger(__name__)
 LATEST = "latest"
 RUN_FILE = "olmoe_run.yaml"
 MODEL_FILE = "olmoe_model.yaml"
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+#: Test hook: the step whose save the process dies in (after writing, before the commit).
+FAULT_DIE_DURING_SAVE_ENV = "OLMOE_FAULT_DIE_DURING_SAVE"
+# Megatron's recommended reshardable format for the distributed optimizer (its loader needs the
+# CPU backend's `dist_opt_step_state` fix without apex/TE; 'fully_sharded_model_space' fails to
+# save in 0.16.1: "ShardedTensor.flattened_range is not supported").
+# Without chained-optimizer prefixes, optimizer keys are the global parameter names: a layout
+# whose experts get their own optimizer (EP > 1) and one where they do not load each other.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 @dataclasses.dataclass
@@ -142,8 +151,13 @@ def save_checkpoint(
         "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_METADATA),
         "progress": dataclasses.asdict(progress),
         "world_size": dist.get_world_size(),
+        "optimizer_parts": _optimizer_parts(optimizer),
     }
     dist_checkpointing.save(state, str(tmp))
+    if os.environ.get(FAULT_DIE_DURING_SAVE_ENV) == str(progress.step):
+        # Test hook: the node dies with the new checkpoint half-written (every process of this
+        # process group, including the checkpoint writer's helper, is killed at once).
+        os.killpg(0, signal.SIGKILL)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
@@ -172,11 +186,41 @@ def _prune(root: Path, *, keep_last: int, newest: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _optimizer_parts(optimizer) -> int:
+    """Megatron builds one optimizer for dense parameters and, with EP > 1, one for experts."""
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def has_optimizer_state(path: Path) -> bool:
     """A training checkpoint (model + optimizer) rather than a model-only one."""
     from megatron.core.dist_checkpointing import load_common_state_dict
 
     return "progress" in (load_common_state_dict(str(path)) or {})
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Gives a fresh optimizer its Adam state (step, moments) so a checkpoint can load into it.
+
+    Megatron-Core's distributed optimizer builds its state dict from the inner torch Adam's
+    state, which is empty before the first step (without apex/TE that fails an assert). One step
+    with zero gradients, zero lr and zero decay creates the state without moving any weight; the
+    checkpoint then overwrites it.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer) or sub.optimizer.state:
+            continue
+        inner = sub.optimizer
+        saved = [(g.get("lr"), g.get("weight_decay")) for g in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"], group["weight_decay"] = 0.0, 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for group, (lr, decay) in zip(inner.param_groups, saved):
+            group["lr"], group["weight_decay"] = lr, decay
 
 
 def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer: bool) -> Progress:
@@ -187,9 +231,22 @@ def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer
     """
     path = Path(path)
     with_optimizer = load_optimizer and has_optimizer_state(path)
+    if with_optimizer:
+        from megatron.core.dist_checkpointing import load_common_state_dict
+
+        saved_parts = load_common_state_dict(str(path)).get("optimizer_parts", 1)
+        if saved_parts != _optimizer_parts(optimizer):
+            raise ConfigError(
+                f"{path} holds optimizer state for a layout {'with' if saved_parts > 1 else 'without'} "
+                f"expert parallelism (experts in {'their own' if saved_parts > 1 else 'the dense'} optimizer); "
+                f"Megatron-Core cannot map it onto this layout's optimizer. Keep expert_parallel > 1 "
+                f"{'' if saved_parts > 1 else 'off '}on both sides, or load the weights only with "
+                "--checkpoint.load_optimizer=false (a fresh optimizer; the schedule restarts)"
+            )
     model_sd = model_sharded_state_dict(models)
     request: dict = dict(model_sd)
     if with_optimizer:
+        _materialize_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIMIZER_METADATA)
     state = dist_checkpointing.load(request, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     load_model_state(models, state)

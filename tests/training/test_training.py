@@ -1,0 +1,153 @@
+"""End-to-end training on CPU ranks: golden losses, exact resume, resharded resume, non-finite
+losses, atomic checkpoints and the metrics files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from olmoe_megatron.config.base import config_to_dict
+from olmoe_megatron.recipes import get_recipe
+from olmoe_megatron.testing.distributed import get_pool
+from olmoe_megatron.testing.training_runs import read_metrics, train_run, write_synthetic_corpus
+from olmoe_megatron.training.exit_codes import EXIT_NONFINITE, EXIT_OK
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "olmoe_tiny.json"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_synthetic_corpus(tmp_path_factory.mktemp("corpus") / "synthetic")
+
+
+def tiny_run(corpus, root: Path, *, steps: int, layout: dict | None = None, **sections) -> dict:
+    run = config_to_dict(get_recipe("olmoe_tiny"))
+    run["data"].update(paths=[corpus], demo_corpus=False, cache_dir=str(root / "index"))
+    run["train"].update(max_steps=steps)
+    run["checkpoint"].update(dir=str(root / "ckpt"), save_interval=1000)
+    run["metrics"].update(jsonl=str(root / "metrics.jsonl"))
+    run["parallel"].update(layout or {})
+    for section, values in sections.items():
+        run[section].update(values)
+    return run
+
+
+def losses(root: Path) -> dict[int, float]:
+    return {r["step"]: r["lm_loss"] for r in read_metrics(root / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def pool1():
+    pool = get_pool(1)
+    yield pool
+    pool.close()
+
+
+def test_golden_losses(pool1, corpus, tmp_path):
+    """olmoe_tiny, 20 steps, fixed synthetic data: losses equal the stored golden values exactly."""
+    run = tiny_run(corpus, tmp_path, steps=20, metrics={"tensorboard_dir": str(tmp_path / "tb")})
+    assert pool1.run(train_run, run) == [EXIT_OK]
+    got = [r["lm_loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert len(got) == 20 and got[-1] < got[0] - 0.5
+    if os.environ.get("OLMOE_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"recipe": "olmoe_tiny", "steps": 20, "lm_loss": got}, indent=1) + "\n")
+    assert got == json.loads(GOLDEN.read_text())["lm_loss"]
+    record = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    for key in ("lm_loss", "lb_loss", "z_loss", "grad_norm", "lr", "tokens", "tokens_per_s", "model_tflops",
+                "mfu", "expert_load", "peak_mem_bytes"):
+        assert key in record, key
+    assert set(record["expert_load"]) == {"busiest_expert_share", "min_tokens_per_expert", "max_tokens_per_expert"}
+    assert len(record["expert_load"]["busiest_expert_share"]) == 4
+    assert record["tokens"] == 20 * 8 * 32 and 0 < record["mfu"] < 1
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_resume_is_bit_exact(corpus, tmp_path):
+    """Stopped at step 3 and resumed: the same losses, bit for bit, as the uninterrupted run (EP2, dist-opt)."""
+    pool = get_pool(2)
+    layout = {"expert_parallel": 2}
+    opt = {"use_distributed_optimizer": True}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert pool.run(train_run, tiny_run(corpus, straight, steps=6, layout=layout, train=opt)) == [0, 0]
+    assert pool.run(train_run, tiny_run(corpus, stopped, steps=3, layout=layout, train=opt)) == [0, 0]
+    assert (stopped / "ckpt" / "latest").read_text().strip() == "step_0000003"
+    assert pool.run(train_run, tiny_run(corpus, stopped, steps=6, layout=layout, train=opt)) == [0, 0]
+    assert losses(stopped) == losses(straight)
+    assert sorted(losses(stopped)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_losses_skip_then_stop(pool1, corpus, tmp_path):
+    poisoned = {"OLMOE_FAULT_NAN_STEPS": "2"}
+    run = tiny_run(corpus, tmp_path / "once", steps=4)
+    assert pool1.run(train_run, run, env=poisoned) == [EXIT_OK]
+    records = read_metrics(tmp_path / "once" / "metrics.jsonl")
+    assert [r["skipped"] for r in records] == [False, True, False, False]
+    assert all(r["lm_loss"] == r["lm_loss"] for r in records[2:])  # finite again after the skip
+
+    run = tiny_run(corpus, tmp_path / "streak", steps=6, train={"max_nonfinite_steps": 1})
+    assert pool1.run(train_run, run, env={"OLMOE_FAULT_NAN_STEPS": "2,3,4"}) == [EXIT_NONFINITE]
+    assert (tmp_path / "streak" / "ckpt" / "latest").read_text().strip() == "step_0000003"
+
+
+def test_reshard_checkpoint_into_other_layouts(pool1, corpus, tmp_path):
+    """Saved by TP2+EP2+PP2 (4 ranks) at step 3; loaded with its optimizer state by EP4 and
+    PP2+VPP2+EP2, the next steps' losses equal the uninterrupted run's. A single process (no
+    expert parallelism: Megatron puts experts in the dense optimizer) refuses the optimizer state
+    with a clear error and loads the weights alone."""
+    pool4 = get_pool(4)
+    source = {"tensor_parallel": 2, "expert_parallel": 2, "expert_tensor_parallel": 1, "pipeline_parallel": 2,
+              "sequence_parallel": True}
+    straight, saved = tmp_path / "straight", tmp_path / "saved"
+    try:
+        assert pool4.run(train_run, tiny_run(corpus, straight, steps=5, layout=source)) == [0] * 4
+        assert pool4.run(train_run, tiny_run(corpus, saved, steps=3, layout=source)) == [0] * 4
+        expected = losses(straight)
+        targets = {
+            "ep4": {"expert_parallel": 4},
+            "pp2_vpp2_ep2": {"pipeline_parallel": 2, "virtual_pipeline_parallel": 2, "expert_parallel": 2},
+        }
+        for name, layout in targets.items():
+            run = tiny_run(corpus, tmp_path / name, steps=5, layout=layout,
+                           checkpoint={"load": str(saved / "ckpt")})
+            assert pool4.run(train_run, run) == [0] * 4
+            got = losses(tmp_path / name)
+            assert list(got) == [4, 5], f"{name} did not resume at step 4"
+            for step in (4, 5):  # step 5 shows the optimizer state (moments, step count) came along
+                assert got[step] == pytest.approx(expected[step], rel=1e-5), (name, step)
+    finally:
+        pool4.close()
+    with pytest.raises(Exception, match=r"checkpoint.load_optimizer=false"):
+        pool1.run(train_run, tiny_run(corpus, tmp_path / "single", steps=4, checkpoint={"load": str(saved / "ckpt")}))
+    pool1 = get_pool(1)
+    run = tiny_run(corpus, tmp_path / "single_weights", steps=1,
+                   checkpoint={"load": str(saved / "ckpt"), "load_optimizer": False})
+    assert pool1.run(train_run, run) == [0]
+    # weights only: training restarts at step 1 on the first batch, from the step-3 weights
+    assert losses(tmp_path / "single_weights")[1] < expected[1] - 0.1
+
+
+def test_killed_during_save_leaves_previous_checkpoint(corpus, tmp_path):
+    """A process that dies inside a save leaves `latest` on the previous checkpoint, which resumes."""
+    run = tiny_run(corpus, tmp_path, steps=4, checkpoint={"save_interval": 2, "dir": str(tmp_path / "ckpt")})
+    config = tmp_path / "run.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(run))
+    env = {**os.environ, "OLMOE_FAULT_DIE_DURING_SAVE": "4", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "olmoe_megatron.launcher.cli", "train", "--config", str(config)]
+    # its own process group: the fault hook kills the whole group, as a node failure would
+    died = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert died.returncode == -9, died.stderr[-2000:]
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == "step_0000002"
+    assert (ckpt / ".step_0000004.tmp").is_dir() and not (ckpt / "step_0000004").exists()
+    env.pop("OLMOE_FAULT_DIE_DURING_SAVE")
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (ckpt / "latest").read_text().strip() == "step_0000004"
+    assert not (ckpt / ".step_0000004.tmp").exists()
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 3, 4]  # the second run resumed from step 2
