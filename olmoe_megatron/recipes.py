@@ -103,8 +103,8 @@ def olmoe_small() -> RunConfig:
 
 @recipe
 def olmoe_demo() -> RunConfig:
-    """`make demo`: 4 layers, d_model 128, 8 experts top-2 on 2 CPU processes (EP2), 300 steps."""
-    steps, batch, seq = 300, 16, 128
+    """`make demo`: 4 layers, d_model 128, 8 experts top-2 on 2 CPU processes (EP2), 250 steps."""
+    steps, batch, seq = 250, 16, 128
     return RunConfig(
         name="olmoe_demo",
         model=ModelConfig(
@@ -120,6 +120,7 @@ def olmoe_demo() -> RunConfig:
         ),
         data=DataConfig(demo_corpus=True),
         checkpoint=CheckpointConfig(dir="runs/demo/checkpoints", save_interval=100, keep_last=2),
+        metrics=MetricsConfig(jsonl="runs/demo/metrics.jsonl"),
     )
 
 
