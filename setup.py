@@ -41,7 +41,7 @@ setup(
         "torch>=2.6",
         "megatron-core==0.16.1",
         "numpy>=1.24",
-        "zarr>=2.16",
+        "zarr>=3",
         "pyyaml>=6",
         "psutil>=5.9",  # dist_checkpointing.save hangs without it (megatron-core does not declare it)
         "tokenizers>=0.15",
