@@ -5,7 +5,7 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import TINY_EOS_ID, random_documents, write_jsonl
+from data_testutil import TINY_EOS_ID, random_documents, write_jsonl
 
 from olmoe_megatron.data.errors import DataError
 from olmoe_megatron.data.megatron_format import check_prefix, index_bytes

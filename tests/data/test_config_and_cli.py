@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TINY_EOS_ID, TINY_VOCAB_SIZE, expected_ids, random_documents, write_jsonl
+from data_testutil import TINY_EOS_ID, TINY_VOCAB_SIZE, expected_ids, random_documents, write_jsonl
 
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.data.config import DataConfig

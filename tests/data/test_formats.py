@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import random_token_documents, write_npy_tokens
+from data_testutil import random_token_documents, write_npy_tokens
 
 from olmoe_megatron.data.convert import megatron_to_olmo, olmo_to_megatron
 from olmoe_megatron.data.errors import DataError

@@ -5,7 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import random_token_documents, write_npy_tokens
+from data_testutil import random_token_documents, write_npy_tokens
 
 from olmoe_megatron.data.config import DataConfig
 from olmoe_megatron.data.convert import olmo_to_megatron

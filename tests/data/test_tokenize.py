@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import TINY_EOS_ID, expected_ids, random_documents, write_jsonl
+from data_testutil import TINY_EOS_ID, expected_ids, random_documents, write_jsonl
 
 from olmoe_megatron.data.megatron_format import check_prefix, idx_path
 from olmoe_megatron.data.tokenize_text import TokenizeConfig, manifest_path, shard_prefixes, tokenize
