@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from olmoe_megatron.model.config import ModelConfig
+from olmoe_megatron.model.attention import SDPACoreAttention
 from olmoe_megatron.model.experts import GroupedSwiGLUExperts
 from olmoe_megatron.model.norms import FullWidthQKNorm, RMSNorm
 
@@ -67,7 +68,7 @@ def layer_spec(model: ModelConfig, *, use_te: bool = False) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=backend.column_parallel_layer_norm_linear() if use_te else backend.column_parallel_linear(),
-                    core_attention=backend.core_attention(),
+                    core_attention=backend.core_attention() if use_te else SDPACoreAttention,
                     linear_proj=backend.row_parallel_linear(),
                     q_layernorm=_qk_norm(model, "query"),
                     k_layernorm=_qk_norm(model, "key"),
