@@ -136,7 +136,10 @@ def test_killed_during_save_leaves_previous_checkpoint(corpus, tmp_path):
     import yaml
 
     config.write_text(yaml.safe_dump(run))
-    env = {**os.environ, "OLMOE_FAULT_DIE_DURING_SAVE": "4", "OMP_NUM_THREADS": "1"}
+    # a fresh single-process job: none of a surrounding process group's rendezvous variables
+    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env.update(OLMOE_FAULT_DIE_DURING_SAVE="4", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "olmoe_megatron.launcher.cli", "train", "--config", str(config)]
     # its own process group: the fault hook kills the whole group, as a node failure would
     died = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
