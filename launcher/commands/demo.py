@@ -46,6 +46,9 @@ def _env(nproc: int) -> dict:
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # Megatron's import-time notice that TE/apex are absent (expected on CPU) and torch's deprecation
+    # notices would repeat on every rank and bury the progress lines.
+    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore:Transformer Engine and Apex are not installed")
     return env
 
 
