@@ -61,12 +61,18 @@ class TrainConfig(Config):
     """Skip this many consecutive steps with a NaN/inf loss, then save and stop."""
     log_interval: int = 1
     """Console progress line every this many steps."""
+    collective_timeout_minutes: float = 10.0
+    """A collective that waits longer (a hung or dead rank) fails, so the whole job ends non-zero."""
 
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_length
 
     def validate(self) -> None:
+        if self.collective_timeout_minutes <= 0:
+            raise ConfigError(
+                f"train.collective_timeout_minutes={self.collective_timeout_minutes} must be > 0 (default 10)"
+            )
         for name in ("seq_length", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")

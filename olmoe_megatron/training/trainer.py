@@ -72,7 +72,8 @@ def train(run: RunConfig) -> int:
     from olmoe_megatron.data.loader import MicroBatchIterator
 
     stop_signal = _StopSignal()
-    context = initialize(run.parallel, run.model, seed=run.train.seed)
+    context = initialize(run.parallel, run.model, seed=run.train.seed,
+                         timeout_minutes=run.train.collective_timeout_minutes)
     run.validate_world_size(context.world_size, backend=context.backend)
     if not context.is_logging_rank:
         logging.getLogger().setLevel(logging.WARNING)

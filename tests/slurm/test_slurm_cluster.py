@@ -36,6 +36,18 @@ t = torch.ones(1)
 dist.all_reduce(t)  # the other ranks block here until the job is torn down
 """
 
+# A rank that hangs (never reaches the collective): the others give up after the configured
+# collective timeout of the trainer's process-group set-up, so the job ends instead of waiting forever.
+HANG = """
+import time, torch, torch.distributed as dist
+from olmoe_megatron.parallel.context import init_distributed
+init_distributed(backend="gloo", timeout_minutes=0.2)
+if dist.get_rank() == 3:
+    print("rank 3 hangs on purpose", flush=True)
+    time.sleep(3600)
+dist.all_reduce(torch.ones(1))
+"""
+
 # Stands in for the trainer's preemption contract: on SIGUSR1 every rank agrees to stop, "saves",
 # and exits 75; the requeued run (SLURM_RESTART_COUNT=1) "resumes" and finishes.
 PREEMPTIBLE = """
@@ -133,6 +145,19 @@ def test_a_crashing_rank_fails_the_job_and_is_named(tmp_path):
     assert record["ExitCode"] != "0:0"
     assert re.search(r"node n[12]: rank 3 \(local rank [01]\) exited with code 1", text), text
     assert "rank 3 fails on purpose" in text
+
+
+def test_a_hanging_rank_fails_the_job_within_the_collective_timeout(tmp_path):
+    import time
+
+    script = _script(tmp_path, "hang.py", HANG)
+    started = time.monotonic()
+    job_id, log = _submit_train(tmp_path, ["--nodes=2"], [sys.executable, str(script)])
+    [record] = wait_for_job(job_id, timeout_s=120, log=log)
+    text = log.read_text()
+    assert record["JobState"] == "FAILED", text
+    assert "rank 3 hangs on purpose" in text
+    assert time.monotonic() - started < 100, "the job outlived the 12 s collective timeout by far"
 
 
 def test_usr1_requeues_the_job_and_it_resumes(tmp_path):
