@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from olmoe_megatron.config import ConfigError
+from olmoe_megatron.config.base import read_yaml_mapping
 from olmoe_megatron.recipes import get_recipe
 from olmoe_megatron.run_config import RunConfig
 
@@ -36,15 +34,7 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
         raise ConfigError("give --recipe NAME (see `olmoe recipes`) and/or --config run.yaml")
     run_config = get_recipe(args.recipe) if args.recipe else RunConfig()
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config={args.config!r}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config={args.config!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config={args.config!r} must hold a mapping of config sections")
+        data = read_yaml_mapping(args.config)
         try:
             run_config = run_config.with_overrides(_flatten(data))
         except ConfigError as exc:

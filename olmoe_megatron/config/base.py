@@ -206,8 +206,8 @@ def apply_overrides(cfg: C, overrides: list[str] | dict[str, Any]) -> C:
     return config_from_dict(type(cfg), data)
 
 
-def load_yaml(cls: type[C], path: str | Path) -> C:
-    """Reads a YAML run file into `cls`; errors name the file."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; a missing file, bad YAML or a non-mapping raise ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -215,6 +215,14 @@ def load_yaml(cls: type[C], path: str | Path) -> C:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of config sections")
+    return data
+
+
+def load_yaml(cls: type[C], path: str | Path) -> C:
+    """Reads a YAML run file into `cls`; errors name the file."""
+    data = read_yaml_mapping(path)
     try:
         return config_from_dict(cls, data)
     except ConfigError as exc:
