@@ -1,13 +1,23 @@
-"""SwiGLU experts computed with one grouped GEMM per projection (torch._grouped_mm).
+"""SwiGLU experts computed as one grouped GEMM per projection.
 
 `GroupedSwiGLUExperts` keeps Megatron's SequentialMLP parameters (one MLP per local expert), so
 its state dict, dist-checkpoint keys and optimizer state are exactly SequentialMLP's: checkpoints
-move freely between the two. Only the forward differs: instead of a Python loop of 3 small GEMMs
-per expert it stacks the local experts' weights and runs `torch._grouped_mm`, a CUTLASS grouped
-GEMM on Hopper and a batched kernel on CPU (no grouped_gemm package needed).
+move freely between the two. Only the computation differs:
 
-Legend: T tokens routed to this rank, H hidden size, F expert FFN width on this rank (already
-divided by expert-tensor-parallel), E local experts.
+- **CUDA:** the local experts' weights are stacked and `torch._grouped_mm` runs (a CUTLASS grouped
+  GEMM on Hopper; no grouped_gemm package needed).
+- **CPU:** `torch._grouped_mm` decomposes into one GEMM per expert, and in bf16 each GEMM is a
+  oneDNN kernel JIT-compiled for its exact shape. The number of tokens routed to an expert changes
+  every step, so almost every expert GEMM missed oneDNN's primitive cache: about 270 kernel
+  compilations per olmoe_small step (0.35 ms each, plus page faults for the code buffers), a third
+  of the step. `PaddedSwiGLUExperts` pads each expert's rows to a multiple of `CPU_ROW_ALIGN`, so
+  the GEMM shapes come from a small set that stays cached, and runs forward and backward by hand
+  (GEMMs written into one output buffer, no stacking or concatenation, SwiGLU backward in fp32).
+  Padding rows are zeros: they add nothing to any result, only ~CPU_ROW_ALIGN/2 rows of work per
+  expert.
+
+Legend: T tokens routed to this rank, P the padded row count, H hidden size, F expert FFN width on
+this rank (already divided by expert-tensor-parallel), E local experts.
 """
 
 from __future__ import annotations
@@ -16,9 +26,103 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+CPU_ROW_ALIGN = 32
+"""Each expert's rows are padded to a multiple of this on CPU (bounded set of GEMM shapes)."""
+
 
 def grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
+
+
+def padded_layout(tokens_per_expert: list[int], align: int) -> tuple[list[int], torch.Tensor]:
+    """Rows per expert after padding to `align`, and each real row's position in the padded rows."""
+    padded = [-(-count // align) * align for count in tokens_per_expert]
+    positions = []
+    start = 0
+    for count, rows in zip(tokens_per_expert, padded):
+        positions.append(torch.arange(start, start + count))
+        start += rows
+    index = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
+    return padded, index
+
+
+def _scatter_rows(rows_TX: torch.Tensor, index_T: torch.Tensor, total: int) -> torch.Tensor:
+    out = rows_TX.new_zeros((total, *rows_TX.shape[1:]))
+    out.index_copy_(0, index_T, rows_TX)
+    return out
+
+
+def _expert_gemms(inputs_PI: torch.Tensor, weights, padded: list[int]) -> torch.Tensor:
+    """out[rows of e] = inputs[rows of e] @ W_e^T, written into one [P, O] buffer."""
+    out_PO = inputs_PI.new_empty((inputs_PI.shape[0], weights[0].shape[0]))
+    start = 0
+    for rows, weight in zip(padded, weights):
+        if rows:
+            torch.mm(inputs_PI[start:start + rows], weight.t(), out=out_PO[start:start + rows])
+        start += rows
+    return out_PO
+
+
+def _expert_gemms_backward(grad_PO: torch.Tensor, inputs_PI: torch.Tensor, weights, padded: list[int]):
+    """Gradients of `_expert_gemms`: (grad of inputs [P, I], [grad of W_e for each expert])."""
+    grad_PI = torch.empty_like(inputs_PI)
+    grad_weights = []
+    start = 0
+    for rows, weight in zip(padded, weights):
+        if rows:
+            block = grad_PO[start:start + rows]
+            torch.mm(block, weight, out=grad_PI[start:start + rows])
+            grad_weights.append(block.t().mm(inputs_PI[start:start + rows]))
+        else:
+            grad_weights.append(torch.zeros_like(weight))
+        start += rows
+    return grad_PI, grad_weights
+
+
+class _PaddedSwiGLU(torch.autograd.Function):
+    """y = sum_e [(silu(x W1g_e^T) * (x W1u_e^T)) * p] W2_e^T over each expert's rows, padded."""
+
+    @staticmethod
+    def forward(ctx, hidden_TH, probs_T, padded, index_T, *weights):
+        num_experts = len(padded)
+        total = sum(padded)
+        hidden_PH = _scatter_rows(hidden_TH, index_T, total)
+        probs_P = _scatter_rows(probs_T, index_T, total)
+        fc1_out_P2F = _expert_gemms(hidden_PH, weights[:num_experts], padded)
+        gate_PF, up_PF = torch.chunk(fc1_out_P2F, 2, dim=-1)
+        act_PF = F.silu(gate_PF) * up_PF  # in the compute dtype, as Megatron's SwiGLU
+        scaled_PF = (act_PF * probs_P.unsqueeze(-1)).to(act_PF.dtype)
+        out_PH = _expert_gemms(scaled_PF, weights[num_experts:], padded)
+        ctx.save_for_backward(hidden_PH, probs_P, fc1_out_P2F, scaled_PF, index_T, *weights)
+        ctx.padded = padded
+        ctx.probs_dtype = probs_T.dtype
+        return out_PH.index_select(0, index_T)
+
+    @staticmethod
+    def backward(ctx, grad_out_TH):
+        hidden_PH, probs_P, fc1_out_P2F, scaled_PF, index_T, *weights = ctx.saved_tensors
+        padded = ctx.padded
+        num_experts = len(padded)
+        dtype = hidden_PH.dtype
+        grad_out_PH = _scatter_rows(grad_out_TH.to(dtype), index_T, sum(padded))
+        grad_scaled_PF, grad_fc2 = _expert_gemms_backward(grad_out_PH, scaled_PF, weights[num_experts:], padded)
+
+        # SwiGLU and probability scaling backward, in fp32.
+        gate_PF, up_PF = (t.float() for t in torch.chunk(fc1_out_P2F, 2, dim=-1))
+        sig_PF = torch.sigmoid(gate_PF)
+        silu_PF = gate_PF * sig_PF
+        act_PF = (silu_PF * up_PF).to(dtype).float()
+        grad_scaled = grad_scaled_PF.float()
+        grad_probs_P = (grad_scaled * act_PF).sum(-1)
+        grad_act_PF = grad_scaled * probs_P.float().unsqueeze(-1)
+        grad_fc1_out_P2F = torch.cat(
+            (grad_act_PF * up_PF * sig_PF * (1 + gate_PF * (1 - sig_PF)), grad_act_PF * silu_PF), dim=-1
+        ).to(dtype)
+
+        grad_hidden_PH, grad_fc1 = _expert_gemms_backward(grad_fc1_out_P2F, hidden_PH, weights[:num_experts], padded)
+        grad_hidden_TH = grad_hidden_PH.index_select(0, index_T)
+        grad_probs_T = grad_probs_P.index_select(0, index_T).to(ctx.probs_dtype)
+        return (grad_hidden_TH, grad_probs_T, None, None, *grad_fc1, *grad_fc2)
 
 
 class GroupedSwiGLUExperts(SequentialMLP):
@@ -39,6 +143,11 @@ class GroupedSwiGLUExperts(SequentialMLP):
         if config.fp8 or config.fp4 or config.moe_apply_probs_on_input:
             return super().forward(hidden_TH, tokens_per_expert, probs_T)
         experts = self.local_experts
+        if hidden_TH.device.type == "cpu":
+            counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
+            padded, index_T = padded_layout([int(c) for c in counts], CPU_ROW_ALIGN)
+            weights = [e.linear_fc1.weight for e in experts] + [e.linear_fc2.weight for e in experts]
+            return _PaddedSwiGLU.apply(hidden_TH, probs_T, padded, index_T, *weights), None
         # [E, 2F, H] and [E, H, F]: the nn.Linear layouts; grouped_mm takes their transposes.
         fc1_EFH = torch.stack([e.linear_fc1.weight for e in experts])
         fc2_EHF = torch.stack([e.linear_fc2.weight for e in experts])

@@ -32,6 +32,7 @@ from megatron.core.dist_checkpointing.serialization import StrictHandling
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.config.base import dump_yaml
 from olmoe_megatron.training.dist_ckpt import load_model_state, model_sharded_state_dict
+from olmoe_megatron.training.step import use_fused_adamw
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer
         logger.info("loaded model weights from %s (optimizer state not loaded)", path)
         return Progress()
     optimizer.load_state_dict(state["optimizer"])
+    use_fused_adamw(optimizer)  # the loaded param groups carry the saving run's options
     common = dist_checkpointing.load_common_state_dict(str(path))
     progress = Progress(**common["progress"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"

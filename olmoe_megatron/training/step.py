@@ -61,7 +61,34 @@ def build_optimizer(models: list[DistributedDataParallel], *, train: TrainConfig
         overlap_param_gather=train.overlap_param_gather,
     )
     # An empty override map (not None) turns off Megatron's "no decay on 1-D params" default.
-    return get_megatron_optimizer(opt_config, models, config_overrides={})
+    optimizer = get_megatron_optimizer(opt_config, models, config_overrides={})
+    use_fused_adamw(optimizer)
+    return optimizer
+
+
+def use_fused_adamw(optimizer) -> int:
+    """Switches torch's AdamW under Megatron's optimizer to its fused kernel where all state is on CPU.
+
+    Without TE or apex, Megatron-Core steps torch.optim.AdamW in its default for-loop form: one
+    kernel per operation per parameter (about 20 ms per olmoe_small step on 2 cores). The fused
+    kernel is the same update in one vectorised pass (about 5 ms); on GPU, TE's or apex's fused
+    Adam is used instead and nothing changes. Called after building the optimizer and after
+    loading its state (which restores the saved param-group options). Returns the number of
+    param groups switched.
+    """
+    switched = 0
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(inner, (torch.optim.AdamW, torch.optim.Adam)):
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if not params or any(p.device.type != "cpu" for p in params):
+            continue
+        inner.defaults.update(fused=True, foreach=False)
+        for group in inner.param_groups:
+            group.update(fused=True, foreach=False)
+            switched += 1
+    return switched
 
 
 def attach_training_hooks(config: TransformerConfig, models: list[DistributedDataParallel], optimizer) -> None:

@@ -1,0 +1,23 @@
+"""Megatron's optimizer as built here is OLMoE's AdamW, on torch's fused CPU kernel."""
+
+import pytest
+
+from olmoe_megatron.testing.distributed import get_pool
+from olmoe_megatron.testing.optimizer_check import compare_adamw_step
+
+
+@pytest.fixture(scope="module")
+def results():
+    pool = get_pool(1)
+    out = {dtype: pool.run(compare_adamw_step, dtype)[0] for dtype in ("fp32", "bf16")}
+    pool.close()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fused_step_equals_reference_adamw(results, dtype):
+    r = results[dtype]
+    assert r["fused"] == [True]
+    assert r["decay"] == [0.1]  # every parameter decays, norms and embeddings included
+    assert r["min_moved"] > 0  # every parameter was updated
+    assert r["max_diff"] <= 1e-6 * r["max_param"], r
