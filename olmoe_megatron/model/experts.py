@@ -10,11 +10,11 @@ move freely between the two. Only the computation differs:
   oneDNN kernel JIT-compiled for its exact shape. The number of tokens routed to an expert changes
   every step, so almost every expert GEMM missed oneDNN's primitive cache: about 270 kernel
   compilations per olmoe_small step (0.35 ms each, plus page faults for the code buffers), a third
-  of the step. `PaddedSwiGLUExperts` pads each expert's rows to a multiple of `CPU_ROW_ALIGN`, so
-  the GEMM shapes come from a small set that stays cached, and runs forward and backward by hand
-  (GEMMs written into one output buffer, no stacking or concatenation, SwiGLU backward in fp32).
-  Padding rows are zeros: they add nothing to any result, only ~CPU_ROW_ALIGN/2 rows of work per
-  expert.
+  of the step. So on CPU, in bf16/fp16, each expert's rows are padded to a multiple of
+  `CPU_ROW_ALIGN`: the GEMM shapes come from a small set that stays cached. Padding rows are zeros:
+  they add nothing to any result, only ~CPU_ROW_ALIGN/2 rows of work per expert. fp32 needs no
+  padding. Forward and backward run by hand (`_PaddedSwiGLU`): GEMMs written into one output
+  buffer, no weight stacking or concatenation.
 
 Legend: T tokens routed to this rank, P the padded row count, H hidden size, F expert FFN width on
 this rank (already divided by expert-tensor-parallel), E local experts.
@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 CPU_ROW_ALIGN = 32
-"""Each expert's rows are padded to a multiple of this on CPU (bounded set of GEMM shapes)."""
+"""Each expert's rows are padded to a multiple of this on CPU in bf16/fp16 (bounded set of GEMM shapes)."""
+
+
+def cpu_row_align(dtype: torch.dtype) -> int:
+    """Row padding for the CPU expert GEMMs: fp32 GEMMs run on MKL/OpenBLAS kernels that are not
+    compiled per shape, so padding would only add work there."""
+    return 1 if dtype == torch.float32 else CPU_ROW_ALIGN
 
 
 def grouped_mm_available() -> bool:
@@ -47,6 +53,8 @@ def padded_layout(tokens_per_expert: list[int], align: int) -> tuple[list[int], 
 
 
 def _scatter_rows(rows_TX: torch.Tensor, index_T: torch.Tensor, total: int) -> torch.Tensor:
+    if total == rows_TX.shape[0]:  # nothing padded: the index is the identity
+        return rows_TX.contiguous()
     out = rows_TX.new_zeros((total, *rows_TX.shape[1:]))
     out.index_copy_(0, index_T, rows_TX)
     return out
@@ -93,35 +101,39 @@ class _PaddedSwiGLU(torch.autograd.Function):
         act_PF = F.silu(gate_PF) * up_PF  # in the compute dtype, as Megatron's SwiGLU
         scaled_PF = (act_PF * probs_P.unsqueeze(-1)).to(act_PF.dtype)
         out_PH = _expert_gemms(scaled_PF, weights[num_experts:], padded)
-        ctx.save_for_backward(hidden_PH, probs_P, fc1_out_P2F, scaled_PF, index_T, *weights)
+        ctx.save_for_backward(hidden_PH, probs_P, fc1_out_P2F, act_PF, scaled_PF, index_T, *weights)
         ctx.padded = padded
         ctx.probs_dtype = probs_T.dtype
-        return out_PH.index_select(0, index_T)
+        return out_PH.index_select(0, index_T) if total != hidden_TH.shape[0] else out_PH
 
     @staticmethod
     def backward(ctx, grad_out_TH):
-        hidden_PH, probs_P, fc1_out_P2F, scaled_PF, index_T, *weights = ctx.saved_tensors
+        hidden_PH, probs_P, fc1_out_P2F, act_PF, scaled_PF, index_T, *weights = ctx.saved_tensors
         padded = ctx.padded
         num_experts = len(padded)
         dtype = hidden_PH.dtype
         grad_out_PH = _scatter_rows(grad_out_TH.to(dtype), index_T, sum(padded))
         grad_scaled_PF, grad_fc2 = _expert_gemms_backward(grad_out_PH, scaled_PF, weights[num_experts:], padded)
 
-        # SwiGLU and probability scaling backward, in fp32.
-        gate_PF, up_PF = (t.float() for t in torch.chunk(fc1_out_P2F, 2, dim=-1))
+        # Probability scaling backward in fp32 (as autograd does for `act * probs` with fp32 probs),
+        # then SwiGLU backward in the compute dtype (as autograd does for SequentialMLP): these
+        # passes are memory-bound, and bf16 halves their traffic.
+        grad_scaled32 = grad_scaled_PF.float()
+        grad_probs_P = (grad_scaled32 * act_PF).sum(-1)
+        grad_act_PF = (grad_scaled32 * probs_P.unsqueeze(-1)).to(dtype)
+        gate_PF, up_PF = torch.chunk(fc1_out_P2F, 2, dim=-1)
         sig_PF = torch.sigmoid(gate_PF)
         silu_PF = gate_PF * sig_PF
-        act_PF = (silu_PF * up_PF).to(dtype).float()
-        grad_scaled = grad_scaled_PF.float()
-        grad_probs_P = (grad_scaled * act_PF).sum(-1)
-        grad_act_PF = grad_scaled * probs_P.float().unsqueeze(-1)
-        grad_fc1_out_P2F = torch.cat(
-            (grad_act_PF * up_PF * sig_PF * (1 + gate_PF * (1 - sig_PF)), grad_act_PF * silu_PF), dim=-1
-        ).to(dtype)
+        grad_silu_PF = torch.addcmul(sig_PF, silu_PF, 1 - sig_PF)  # d silu(g)/dg = s + silu(g) (1 - s)
+        grad_fc1_out_P2F = torch.empty_like(fc1_out_P2F)
+        half = gate_PF.shape[-1]
+        torch.mul(grad_act_PF * up_PF, grad_silu_PF, out=grad_fc1_out_P2F[:, :half])
+        torch.mul(grad_act_PF, silu_PF, out=grad_fc1_out_P2F[:, half:])
 
         grad_hidden_PH, grad_fc1 = _expert_gemms_backward(grad_fc1_out_P2F, hidden_PH, weights[:num_experts], padded)
-        grad_hidden_TH = grad_hidden_PH.index_select(0, index_T)
-        grad_probs_T = grad_probs_P.index_select(0, index_T).to(ctx.probs_dtype)
+        if grad_hidden_PH.shape[0] != grad_out_TH.shape[0]:
+            grad_hidden_PH, grad_probs_P = grad_hidden_PH.index_select(0, index_T), grad_probs_P.index_select(0, index_T)
+        grad_hidden_TH, grad_probs_T = grad_hidden_PH, grad_probs_P.to(ctx.probs_dtype)
         return (grad_hidden_TH, grad_probs_T, None, None, *grad_fc1, *grad_fc2)
 
 
@@ -145,7 +157,7 @@ class GroupedSwiGLUExperts(SequentialMLP):
         experts = self.local_experts
         if hidden_TH.device.type == "cpu":
             counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
-            padded, index_T = padded_layout([int(c) for c in counts], CPU_ROW_ALIGN)
+            padded, index_T = padded_layout([int(c) for c in counts], cpu_row_align(hidden_TH.dtype))
             weights = [e.linear_fc1.weight for e in experts] + [e.linear_fc2.weight for e in experts]
             return _PaddedSwiGLU.apply(hidden_TH, probs_T, padded, index_T, *weights), None
         # [E, 2F, H] and [E, H, F]: the nn.Linear layouts; grouped_mm takes their transposes.
