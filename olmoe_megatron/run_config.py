@@ -32,6 +32,11 @@ class RunConfig(Config):
                 f"train.seq_length={self.train.seq_length} exceeds model.max_sequence_length="
                 f"{self.model.max_sequence_length}; lower train.seq_length or raise model.max_sequence_length"
             )
+        if self.train.schedule == "anneal" and self.checkpoint.init_from is None and self.checkpoint.load in (None, "latest"):
+            raise ConfigError(
+                "train.schedule='anneal' starts a new run from trained weights, but no checkpoint is given: "
+                "set --checkpoint.init_from=PRETRAINED_CHECKPOINT (with a new --data.seed to reshuffle the data)"
+            )
         # Layout rules that need only the model (world size comes later).
         layout = self.parallel
         stages = layout.pp * (layout.vpp or 1)

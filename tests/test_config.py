@@ -82,3 +82,15 @@ def test_cross_config_rules_on_the_root():
     run = get_recipe("olmoe_1b_7b")
     with pytest.raises(ConfigError, match=r"train.global_batch_size=1024 must be a multiple of .*8\*256=2048"):
         run.with_overrides(["train.micro_batch_size=8"]).validate_world_size(256)
+
+
+def test_anneal_and_init_from_rules():
+    run = get_recipe("olmoe_tiny")
+    with pytest.raises(ConfigError, match=r"train.schedule='anneal'.*--checkpoint.init_from=PRETRAINED_CHECKPOINT"):
+        run.with_overrides(["train.schedule=anneal"])
+    with pytest.raises(ConfigError, match=r"checkpoint.init_from='/ckpt' needs checkpoint.dir"):
+        run.with_overrides(["train.schedule=anneal", "checkpoint.init_from=/ckpt"])
+    with pytest.raises(ConfigError, match=r"init_from='/a' and checkpoint.load='/b' both name a checkpoint"):
+        run.with_overrides(["checkpoint.init_from=/a", "checkpoint.load=/b", "checkpoint.dir=/d"])
+    ok = run.with_overrides(["train.schedule=anneal", "checkpoint.init_from=/a", "checkpoint.dir=/d", "data.seed=7"])
+    assert (ok.checkpoint.init_from, ok.train.schedule, ok.data.seed) == ("/a", "anneal", 7)

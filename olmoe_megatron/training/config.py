@@ -121,6 +121,11 @@ class CheckpointConfig(Config):
     """Keep the newest this many checkpoints (0: keep all)."""
     load: str | None = "latest"
     """'latest' (resume from dir/latest if present), a checkpoint path, or None."""
+    init_from: str | None = None
+    """Start a NEW run from this checkpoint's weights (anneal, fine-tune): fresh optimizer, schedule
+    from token 0, data from the start of its order. Used only while `dir` holds no checkpoint of its
+    own; once the run has saved, a restart resumes from `dir`'s latest (all state), as a requeued
+    Slurm job must. Like Megatron-LM's --pretrained-checkpoint."""
     load_optimizer: bool = True
     """Load optimizer state and scheduler position (False: a new run from these weights, e.g. anneal)."""
     reset_data_position: bool = False
@@ -133,6 +138,16 @@ class CheckpointConfig(Config):
             raise ConfigError(f"checkpoint.save_interval={self.save_interval} must be >= 1")
         if self.keep_last < 0:
             raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 0 (0 keeps all)")
+        if self.init_from is not None and self.load not in (None, "latest"):
+            raise ConfigError(
+                f"checkpoint.init_from={self.init_from!r} and checkpoint.load={self.load!r} both name a checkpoint: "
+                "init_from starts a new run from weights, load resumes one; keep one of them"
+            )
+        if self.init_from is not None and self.dir is None:
+            raise ConfigError(
+                f"checkpoint.init_from={self.init_from!r} needs checkpoint.dir: without its own directory "
+                "a restarted run would start over from init_from; set --checkpoint.dir=PATH"
+            )
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

@@ -85,12 +85,22 @@ def train(run: RunConfig) -> int:
     attach_training_hooks(config, models, optimizer)
 
     progress = Progress()
-    load_path = resolve_load_path(run.checkpoint.load, run.checkpoint.dir)
-    if load_path is not None:
-        progress = load_checkpoint(load_path, models=models, optimizer=optimizer,
-                                   load_optimizer=run.checkpoint.load_optimizer)
-        if run.checkpoint.reset_data_position:
-            progress.consumed_samples = 0
+    if run.checkpoint.init_from is not None:
+        own = resolve_load_path("latest", run.checkpoint.dir)
+        if own is None:
+            # A new run from trained weights: the optimizer, schedule and data position start fresh.
+            init_path = resolve_load_path(run.checkpoint.init_from, None)
+            load_checkpoint(init_path, models=models, optimizer=optimizer, load_optimizer=False)
+            logger.info("new run from the weights of %s (fresh optimizer, schedule and data order)", init_path)
+        else:  # this run has saved before (a restart): resume it with all its state
+            progress = load_checkpoint(own, models=models, optimizer=optimizer, load_optimizer=True)
+    else:
+        load_path = resolve_load_path(run.checkpoint.load, run.checkpoint.dir)
+        if load_path is not None:
+            progress = load_checkpoint(load_path, models=models, optimizer=optimizer,
+                                       load_optimizer=run.checkpoint.load_optimizer)
+            if run.checkpoint.reset_data_position:
+                progress.consumed_samples = 0
     steps = total_steps(run)
     dataset = _build_dataset(run, context, num_samples=max(steps, 1) * train_cfg.global_batch_size)
     batches = MicroBatchIterator(dataset, global_batch_size=train_cfg.global_batch_size,

@@ -79,6 +79,41 @@ def test_resume_is_bit_exact(corpus, tmp_path):
     assert sorted(losses(stopped)) == [1, 2, 3, 4, 5, 6]
 
 
+def test_anneal_is_a_new_run_from_trained_weights(pool1, corpus, tmp_path):
+    """OLMoE's anneal: a new run from the pretrained checkpoint's weights (lr from 0.1*peak linearly
+    to 0, fresh optimizer, schedule and data position, reshuffled by a new data seed); a restart
+    after the anneal has saved resumes the anneal itself, bit for bit."""
+    pre = tmp_path / "pre"
+    assert pool1.run(train_run, tiny_run(corpus, pre, steps=3)) == [EXIT_OK]
+    tokens_per_step = 8 * 32
+    anneal = dict(schedule="anneal", anneal_tokens=4 * tokens_per_step)
+
+    def anneal_run(root: Path, steps: int, data_seed: int = 7) -> dict:
+        run = tiny_run(corpus, root, steps=steps, train=anneal, data={"seed": data_seed})
+        run["checkpoint"]["init_from"] = str(pre / "ckpt")
+        return run
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert pool1.run(train_run, anneal_run(straight, 4)) == [EXIT_OK]
+    records = read_metrics(straight / "metrics.jsonl")
+    start = 3e-3 * 0.1  # olmoe_tiny's peak lr x anneal_start_ratio
+    assert [r["lr"] for r in records] == pytest.approx([start, 0.75 * start, 0.5 * start, 0.25 * start])
+    assert [r["tokens"] for r in records] == [k * tokens_per_step for k in (1, 2, 3, 4)]  # schedule from 0
+    fresh = losses(pre)[1]  # a freshly initialised model's first loss
+    assert records[0]["lm_loss"] < fresh - 0.3, "the anneal did not start from the trained weights"
+
+    same_order = tmp_path / "same_order"  # the pretraining's data seed: other batches, another loss
+    pretrain_seed = get_recipe("olmoe_tiny").data.seed
+    assert pretrain_seed != 7
+    assert pool1.run(train_run, anneal_run(same_order, 1, data_seed=pretrain_seed)) == [EXIT_OK]
+    assert losses(same_order)[1] != records[0]["lm_loss"]
+
+    assert pool1.run(train_run, anneal_run(stopped, 2)) == [EXIT_OK]
+    assert pool1.run(train_run, anneal_run(stopped, 4)) == [EXIT_OK]  # resumes its own step 2
+    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [1, 2, 3, 4]  # not restarted
+    assert losses(stopped) == losses(straight)
+
+
 def test_non_finite_losses_skip_then_stop(pool1, corpus, tmp_path):
     poisoned = {"OLMOE_FAULT_NAN_STEPS": "2"}
     run = tiny_run(corpus, tmp_path / "once", steps=4)
