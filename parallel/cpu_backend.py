@@ -322,6 +322,31 @@ def _apply_dist_opt_step_state():
     DistributedOptimizer.load_state_dict = load_state_dict
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """amp_C.multi_tensor_l2norm's contract on torch's foreach kernels: ([total norm], None)."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1).float(), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """amp_C.multi_tensor_scale's contract (dst = src * scale) on torch's foreach kernels."""
+    src, dst = tensor_lists
+    if scale == 1.0:
+        torch._foreach_copy_(dst, src)  # a cast copy, without megatron's fallback's `src * 1.0`
+    elif all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def _apply_foreach_multi_tensor():
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.l2_norm_impl = _foreach_l2_norm
+    clip_grads.multi_tensor_scale_impl = _foreach_scale
+    optimizer.multi_tensor_scale_impl = _foreach_scale
+
+
 # ----------------------------------------------------------------------------- probes
 def _probe_current_device() -> bool:
     return _raises(torch.cuda.current_device)
@@ -417,6 +442,15 @@ def _probe_dist_opt_step_state() -> bool:
     )
 
 
+def _probe_foreach_multi_tensor() -> bool:
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    return utils.local_multi_tensor_scale in (clip_grads.multi_tensor_scale_impl, optimizer.multi_tensor_scale_impl) or (
+        clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm
+    )
+
+
 PATCHES: dict[str, Patch] = {
     p.name: p
     for p in [
@@ -457,6 +491,11 @@ PATCHES: dict[str, Patch] = {
               "'step', which the checkpoint does not hold (KeyError), and gives all parameters one "
               "shared 'step' tensor that Adam then increments once per parameter", _apply_dist_opt_step_state,
               _probe_dist_opt_step_state),
+        Patch("foreach_multi_tensor", "speed, not correctness: without apex/TE, megatron's grad-norm, "
+              "clipping and main-to-model parameter copies fall back to Python loops with one kernel "
+              "per tensor and a scaled temporary (`src * 1.0` to copy); torch's foreach kernels do the "
+              "same maths (7 -> 3 ms per olmoe_small step for the copy and the clip scaling)", _apply_foreach_multi_tensor,
+              _probe_foreach_multi_tensor),
     ]
 }
 
