@@ -33,7 +33,8 @@ class DataConfig(Config):
     demo_max_bytes: int = 4_000_000
     """Text bytes of the demo corpus."""
     tokenizer: str = "olmoe"
-    """Tokenizer of the demo corpus: 'olmoe' or a tokenizer.json path."""
+    """Tokenizer of the demo corpus: 'olmoe', 'demo-bpe-N' (a byte-level BPE of N entries trained on
+    the demo corpus, for models with a smaller vocabulary; end-of-text id 0) or a tokenizer.json path."""
     eos_token_id: int = OLMOE_EOS_TOKEN_ID
     """End-of-document id (splits OLMo .npy files into documents)."""
     npy_dtype: Literal["uint16", "uint32"] = "uint16"
@@ -63,6 +64,16 @@ class DataConfig(Config):
             raise ConfigError(f"data.demo_max_bytes={self.demo_max_bytes} must be positive; try 4000000")
         if self.eos_token_id < 0:
             raise ConfigError(f"data.eos_token_id={self.eos_token_id} must be >= 0 (OLMoE: 50279)")
+        from olmoe_megatron.data.corpus import DEMO_BPE_EOS_ID, demo_bpe_vocab_size
+        from olmoe_megatron.data.errors import DataError
+
+        try:
+            bpe_vocab = demo_bpe_vocab_size(self.tokenizer)
+        except DataError as exc:
+            raise ConfigError(f"data.tokenizer: {exc}") from None
+        if bpe_vocab is not None and self.eos_token_id != DEMO_BPE_EOS_ID:
+            raise ConfigError(f"data.tokenizer={self.tokenizer!r} ends documents with id {DEMO_BPE_EOS_ID}, but "
+                              f"data.eos_token_id={self.eos_token_id}; set data.eos_token_id={DEMO_BPE_EOS_ID}")
         if not 1 <= self.repetition_max_period:
             raise ConfigError(f"data.repetition_max_period={self.repetition_max_period} must be >= 1 (OLMo: 13)")
         if self.repetition_min_repeats < 2:
@@ -90,7 +101,12 @@ class DataConfig(Config):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"DataConfig.build({name}={value!r}): must be a positive integer")
         if self.eos_token_id >= vocab_size:
-            raise ConfigError(f"data.eos_token_id={self.eos_token_id} must be below vocab_size={vocab_size}")
+            raise ConfigError(
+                f"data.eos_token_id={self.eos_token_id} must be below the model's vocab_size={vocab_size}: this "
+                f"tokenizer's ids do not fit the model. Use a model vocabulary of at least {self.eos_token_id + 1} "
+                "(OLMoE's: 50304 padded), or, for the demo corpus, a smaller tokenizer: "
+                "--data.tokenizer=demo-bpe-<vocab> --data.eos_token_id=0"
+            )
         cache_dir = self.resolved_cache_dir()
         plan = DatasetPlan(
             order=self.order, groups=self._token_groups(cache_dir), weights=self.weights, seq_length=seq_length,

@@ -15,7 +15,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from olmoe_megatron.data.fileutil import atomic_path, file_lock, sha256_file
+from olmoe_megatron.data.errors import DataError
+from olmoe_megatron.data.fileutil import atomic_path, default_cache_root, file_lock, sha256_file
 from olmoe_megatron.data.index_cache import description_hash
 from olmoe_megatron.data.tokenize_text import TokenizeConfig, manifest_path, tokenize
 from olmoe_megatron.data.tokenizer import resolve_tokenizer_path
@@ -43,19 +44,77 @@ def stdlib_source_files(max_bytes: int) -> list[Path]:
     return chosen
 
 
+DEMO_BPE_PREFIX = "demo-bpe-"
+DEMO_BPE_EOS = "<|endoftext|>"
+DEMO_BPE_EOS_ID = 0
+
+
+def demo_bpe_vocab_size(spec: str) -> int | None:
+    """`"demo-bpe-4096"` -> 4096; None for any other tokenizer spec."""
+    if not spec.startswith(DEMO_BPE_PREFIX):
+        return None
+    size = spec[len(DEMO_BPE_PREFIX):]
+    if not size.isdigit() or not 512 <= int(size) <= 65536:
+        raise DataError(f"tokenizer {spec!r}: the vocabulary after {DEMO_BPE_PREFIX!r} must be a number in "
+                        "[512, 65536], e.g. demo-bpe-4096")
+    return int(size)
+
+
+def demo_bpe_tokenizer(vocab_size: int, *, max_bytes: int = DEFAULT_DEMO_BYTES, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A byte-level BPE tokenizer with `vocab_size` entries, trained on the demo corpus text.
+
+    For models whose vocabulary is smaller than OLMoE's 50,280 (olmoe_small and the ablations):
+    OLMoE's tokenizer would emit ids they cannot embed. Its end-of-text token
+    `<|endoftext|>` has id 0. Trained once per (vocab, corpus) and cached as tokenizer.json.
+    """
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_root() / "tokenizers"
+    files = stdlib_source_files(max_bytes)
+    settings = {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"], "max_bytes": max_bytes,
+                "vocab_size": vocab_size, "tokenizers": tokenizers.__version__}
+    target = directory / f"{DEMO_BPE_PREFIX}{vocab_size}-{description_hash(settings)[:12]}.json"
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    with file_lock(directory / f"{target.stem}.lock"):
+        if not target.is_file():
+            tokenizer = tokenizers.Tokenizer(models.BPE())
+            tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tokenizer.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[DEMO_BPE_EOS], show_progress=False,
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+            tokenizer.train_from_iterator(
+                (path.read_text(encoding="utf-8", errors="replace") for path in files), trainer=trainer)
+            if tokenizer.token_to_id(DEMO_BPE_EOS) != DEMO_BPE_EOS_ID or tokenizer.get_vocab_size() > vocab_size:
+                raise DataError(f"demo BPE training gave eos id {tokenizer.token_to_id(DEMO_BPE_EOS)} and "
+                                f"{tokenizer.get_vocab_size()} entries (want {DEMO_BPE_EOS_ID}, <= {vocab_size})")
+            with atomic_path(target) as tmp:
+                tokenizer.save(str(tmp))
+            logger.info("trained a %d-entry byte-level BPE on %d standard-library files: %s", vocab_size,
+                        len(files), target)
+    return target
+
+
 def build_demo_corpus(out_dir: str | os.PathLike, *, tokenizer_path: str | None = None,
                       max_bytes: int = DEFAULT_DEMO_BYTES) -> Path:
     """Builds (or reuses) the demo corpus and returns its tokenize manifest path.
 
     Args:
         out_dir: Directory for the jsonl text, the .bin/.idx shards and the manifest.
-        tokenizer_path: 'olmoe' / None (OLMoE's tokenizer) or a tokenizer.json path.
+        tokenizer_path: 'olmoe' / None (OLMoE's tokenizer), 'demo-bpe-N' (a BPE of N entries trained
+            on this corpus, see `demo_bpe_tokenizer`) or a tokenizer.json path.
         max_bytes: Text bytes to take from the standard library.
 
     Returns:
         Path of `<out_dir>/<name>.manifest.json`, usable as a DataConfig path.
     """
-    tokenizer_file = resolve_tokenizer_path(tokenizer_path)
+    bpe_vocab = demo_bpe_vocab_size(str(tokenizer_path)) if tokenizer_path is not None else None
+    if bpe_vocab is not None:
+        tokenizer_file = demo_bpe_tokenizer(bpe_vocab, max_bytes=max_bytes)
+    else:
+        tokenizer_file = resolve_tokenizer_path(tokenizer_path)
     settings = {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"], "max_bytes": max_bytes,
                 "tokenizer_sha256": sha256_file(tokenizer_file)}
     name = f"stdlib-{description_hash(settings)[:12]}"

@@ -97,7 +97,8 @@ def olmoe_small() -> RunConfig:
             seed=1234, seq_length=256, global_batch_size=4, micro_batch_size=4, max_steps=100, max_tokens=None,
             lr=1e-3, warmup_tokens=10 * 4 * 256, t_max_tokens=100 * 4 * 256, use_distributed_optimizer=False,
         ),
-        data=DataConfig(demo_corpus=True, tokenizer="olmoe"),
+        # OLMoE's tokenizer has 50,280 entries: this vocabulary of 4096 gets a BPE trained on the corpus.
+        data=DataConfig(demo_corpus=True, tokenizer="demo-bpe-4096", eos_token_id=0),
     )
 
 
