@@ -70,6 +70,7 @@ def worker_ours(precision_name: str, *, warmup: int, steps: int, profile: str | 
 
     from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
     from olmoe_megatron.model.precision import PrecisionConfig
+    from olmoe_megatron.parallel import cpu_perf
     from olmoe_megatron.parallel.context import initialize
     from olmoe_megatron.parallel.layout import ParallelLayout
     from olmoe_megatron.recipes import get_recipe
@@ -83,6 +84,7 @@ def worker_ours(precision_name: str, *, warmup: int, steps: int, profile: str | 
         MICRO_BATCH, MICRO_BATCH, SEQ_LENGTH)
     precision = PrecisionConfig(dtype=precision_name, spec="local")
     context = initialize(ParallelLayout(), model_cfg, seed=train_cfg.seed, backend="gloo")
+    cpu_perf.tune_malloc()  # as `olmoe train` does on CPU
     config, _ = build_transformer_config(model_cfg, context, precision=precision)
     chunks = build_model_chunks(model_cfg, context, precision=precision, config=config)
     models = wrap_ddp(chunks, config, train=train_cfg, precision=precision)

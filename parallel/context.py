@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from olmoe_megatron.parallel import cpu_backend, cpu_perf
+from olmoe_megatron.parallel import cpu_backend
 from olmoe_megatron.parallel.layout import ParallelLayout
 
 if TYPE_CHECKING:
@@ -80,7 +80,6 @@ def init_distributed(*, backend: str | None = None, timeout_minutes: float = 10.
     backend = backend or default_backend()
     if backend == "gloo":
         cpu_backend.install()
-        cpu_perf.tune_malloc()
     if dist.is_initialized():
         return dist.get_backend()
     if "RANK" not in os.environ:  # a plain `python` process: a world of one

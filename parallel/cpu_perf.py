@@ -9,6 +9,9 @@ step per rank. `tune_malloc` serves all blocks from the heap (M_MMAP_MAX=0) and 
 memory in the process (M_TRIM_THRESHOLD at its maximum), so later steps reuse it without faults.
 The resident size then stays at its peak, which a training process reaches every step anyway.
 
+The trainer calls it on CPU (gloo) runs. Conversion does not: it hands each layer's memory back to
+the OS as it goes (convert/mcore_io.release_freed_memory) to keep its peak at one model.
+
 OLMOE_CPU_MALLOC_TUNING=0 turns it off (to measure it, or on a libc that is not glibc).
 """
 

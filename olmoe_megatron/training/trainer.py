@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
+from olmoe_megatron.parallel import cpu_perf
 from olmoe_megatron.parallel.context import ParallelContext, initialize
 from olmoe_megatron.run_config import RunConfig
 from olmoe_megatron.training.checkpoint import Progress, load_checkpoint, resolve_load_path, save_checkpoint
@@ -75,6 +76,8 @@ def train(run: RunConfig) -> int:
     context = initialize(run.parallel, run.model, seed=run.train.seed,
                          timeout_minutes=run.train.collective_timeout_minutes)
     run.validate_world_size(context.world_size, backend=context.backend)
+    if context.backend == "gloo":
+        cpu_perf.tune_malloc()  # a training step's buffers stay in the process (see cpu_perf)
     if not context.is_logging_rank:
         logging.getLogger().setLevel(logging.WARNING)
     train_cfg, model_cfg = run.train, run.model
