@@ -9,7 +9,8 @@ from typing import Literal
 
 from olmoe_megatron.config import Config, ConfigError
 from olmoe_megatron.data.index_cache import default_index_cache_dir
-from olmoe_megatron.data.tokenizer import OLMOE_EOS_TOKEN_ID
+from olmoe_megatron.data.errors import DataError
+from olmoe_megatron.data.tokenizer import DEMO_BPE_EOS_ID, OLMOE_EOS_TOKEN_ID, demo_bpe_vocab_size
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -64,9 +65,6 @@ class DataConfig(Config):
             raise ConfigError(f"data.demo_max_bytes={self.demo_max_bytes} must be positive; try 4000000")
         if self.eos_token_id < 0:
             raise ConfigError(f"data.eos_token_id={self.eos_token_id} must be >= 0 (OLMoE: 50279)")
-        from olmoe_megatron.data.corpus import DEMO_BPE_EOS_ID, demo_bpe_vocab_size
-        from olmoe_megatron.data.errors import DataError
-
         try:
             bpe_vocab = demo_bpe_vocab_size(self.tokenizer)
         except DataError as exc:

@@ -19,7 +19,13 @@ from olmoe_megatron.data.errors import DataError
 from olmoe_megatron.data.fileutil import atomic_path, default_cache_root, file_lock, sha256_file
 from olmoe_megatron.data.index_cache import description_hash
 from olmoe_megatron.data.tokenize_text import TokenizeConfig, manifest_path, tokenize
-from olmoe_megatron.data.tokenizer import resolve_tokenizer_path
+from olmoe_megatron.data.tokenizer import (  # noqa: F401 - the demo-bpe names are re-exported
+    DEMO_BPE_EOS,
+    DEMO_BPE_EOS_ID,
+    DEMO_BPE_PREFIX,
+    demo_bpe_vocab_size,
+    resolve_tokenizer_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +50,9 @@ def stdlib_source_files(max_bytes: int) -> list[Path]:
     return chosen
 
 
-DEMO_BPE_PREFIX = "demo-bpe-"
-DEMO_BPE_EOS = "<|endoftext|>"
-DEMO_BPE_EOS_ID = 0
-
-
-def demo_bpe_vocab_size(spec: str) -> int | None:
-    """`"demo-bpe-4096"` -> 4096; None for any other tokenizer spec."""
-    if not spec.startswith(DEMO_BPE_PREFIX):
-        return None
-    size = spec[len(DEMO_BPE_PREFIX):]
-    if not size.isdigit() or not 512 <= int(size) <= 65536:
-        raise DataError(f"tokenizer {spec!r}: the vocabulary after {DEMO_BPE_PREFIX!r} must be a number in "
-                        "[512, 65536], e.g. demo-bpe-4096")
-    return int(size)
+def _corpus_settings(max_bytes: int) -> dict:
+    """What the corpus text depends on (cache keys of the corpus and of its BPE)."""
+    return {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"], "max_bytes": max_bytes}
 
 
 def demo_bpe_tokenizer(vocab_size: int, *, max_bytes: int = DEFAULT_DEMO_BYTES, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -72,8 +67,7 @@ def demo_bpe_tokenizer(vocab_size: int, *, max_bytes: int = DEFAULT_DEMO_BYTES, 
 
     directory = Path(cache_dir) if cache_dir is not None else default_cache_root() / "tokenizers"
     files = stdlib_source_files(max_bytes)
-    settings = {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"], "max_bytes": max_bytes,
-                "vocab_size": vocab_size, "tokenizers": tokenizers.__version__}
+    settings = {**_corpus_settings(max_bytes), "vocab_size": vocab_size, "tokenizers": tokenizers.__version__}
     target = directory / f"{DEMO_BPE_PREFIX}{vocab_size}-{description_hash(settings)[:12]}.json"
     if target.is_file():
         return target
@@ -115,8 +109,7 @@ def build_demo_corpus(out_dir: str | os.PathLike, *, tokenizer_path: str | None 
         tokenizer_file = demo_bpe_tokenizer(bpe_vocab, max_bytes=max_bytes)
     else:
         tokenizer_file = resolve_tokenizer_path(tokenizer_path)
-    settings = {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"], "max_bytes": max_bytes,
-                "tokenizer_sha256": sha256_file(tokenizer_file)}
+    settings = {**_corpus_settings(max_bytes), "tokenizer_sha256": sha256_file(tokenizer_file)}
     name = f"stdlib-{description_hash(settings)[:12]}"
     out_dir = Path(out_dir)
     prefix = out_dir / name

@@ -32,6 +32,22 @@ OLMOE_VOCAB_SIZE = 50280
 
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
+# `demo-bpe-N`: a byte-level BPE of N entries trained on the demo corpus (data/corpus.py).
+DEMO_BPE_PREFIX = "demo-bpe-"
+DEMO_BPE_EOS = "<|endoftext|>"
+DEMO_BPE_EOS_ID = 0
+
+
+def demo_bpe_vocab_size(spec: str) -> int | None:
+    """`"demo-bpe-4096"` -> 4096; None for any other tokenizer spec."""
+    if not spec.startswith(DEMO_BPE_PREFIX):
+        return None
+    size = spec[len(DEMO_BPE_PREFIX):]
+    if not size.isdigit() or not 512 <= int(size) <= 65536:
+        raise DataError(f"tokenizer {spec!r}: the vocabulary after {DEMO_BPE_PREFIX!r} must be a number in "
+                        "[512, 65536], e.g. demo-bpe-4096")
+    return int(size)
+
 
 def olmoe_tokenizer_path(*, cache_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
     """Path of OLMoE's tokenizer JSON, downloading and caching it on first use.

@@ -66,17 +66,15 @@ def build_optimizer(models: list[DistributedDataParallel], *, train: TrainConfig
     return optimizer
 
 
-def use_fused_adamw(optimizer) -> int:
+def use_fused_adamw(optimizer) -> None:
     """Switches torch's AdamW under Megatron's optimizer to its fused kernel where all state is on CPU.
 
     Without TE or apex, Megatron-Core steps torch.optim.AdamW in its default for-loop form: one
     kernel per operation per parameter (about 20 ms per olmoe_small step on 2 cores). The fused
     kernel is the same update in one vectorised pass (about 5 ms); on GPU, TE's or apex's fused
     Adam is used instead and nothing changes. Called after building the optimizer and after
-    loading its state (which restores the saved param-group options). Returns the number of
-    param groups switched.
+    loading its state (which restores the saved param-group options).
     """
-    switched = 0
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(sub, "optimizer", None)
         if not isinstance(inner, (torch.optim.AdamW, torch.optim.Adam)):
@@ -87,8 +85,6 @@ def use_fused_adamw(optimizer) -> int:
         inner.defaults.update(fused=True, foreach=False)
         for group in inner.param_groups:
             group.update(fused=True, foreach=False)
-            switched += 1
-    return switched
 
 
 def attach_training_hooks(config: TransformerConfig, models: list[DistributedDataParallel], optimizer) -> None:
