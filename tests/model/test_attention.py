@@ -1,25 +1,40 @@
-"""The SDPA core attention (bf16) matches Megatron's DotProductAttention; fp32 uses Megatron's path."""
+"""The local spec's core attention (bf16) matches Megatron's DotProductAttention on both of its CPU
+paths (explicit scores for short sequences, SDPA for long ones); fp32 uses Megatron's path."""
 
 import pytest
 
 from olmoe_megatron.testing.attention_check import compare_core_attention
 from olmoe_megatron.testing.distributed import get_pool
 
+CASES = {
+    "scores-causal": dict(dtype_name="bf16"),
+    "scores-no_mask": dict(dtype_name="bf16", mask="no_mask"),
+    "sdpa-causal": dict(dtype_name="bf16", scores_max_elements=0),
+    "sdpa-no_mask": dict(dtype_name="bf16", mask="no_mask", scores_max_elements=0),
+    "fp32": dict(dtype_name="fp32"),
+}
+
 
 @pytest.fixture(scope="module")
 def results():
     pool = get_pool(1)
-    out = {dtype: pool.run(compare_core_attention, dtype)[0] for dtype in ("bf16", "fp32")}
+    out = {}
+    for name, kwargs in CASES.items():
+        kwargs = dict(kwargs)
+        out[name] = pool.run(compare_core_attention, kwargs.pop("dtype_name"), **kwargs)[0]
     pool.close()
     return out
 
 
-def test_bf16_sdpa_matches_megatron_attention(results):
-    r = results["bf16"]
+@pytest.mark.parametrize("case", [c for c in CASES if c != "fp32"])
+def test_bf16_attention_matches_megatron_attention(results, case):
+    r = results[case]
+    assert r["path"] == ("scores" if case.startswith("scores") else "other")
     assert r["shape"] == [64, 2, 64]
     assert r["max_out_diff"] <= 2 ** -7 * max(1.0, r["max_out"])  # a bf16 rounding step or two
     assert r["max_grad_diff"] <= 2 ** -6 * max(1.0, r["max_grad"])
 
 
 def test_fp32_is_megatron_bit_for_bit(results):
+    assert results["fp32"]["path"] == "other"
     assert results["fp32"]["max_out_diff"] == 0.0 and results["fp32"]["max_grad_diff"] == 0.0
