@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.attention import SDPACoreAttention
 from olmoe_megatron.model.experts import GroupedSwiGLUExperts
+from olmoe_megatron.model.moe_layer import OlmoeMoELayer
 from olmoe_megatron.model.norms import FullWidthQKNorm, RMSNorm
 
 
@@ -43,6 +44,7 @@ def _mlp_spec(model: ModelConfig, backend, *, use_te: bool) -> ModuleSpec:
         num_experts=model.num_experts,
         moe_grouped_gemm=use_te and model.expert_impl == "grouped",
     )
+    spec.module = OlmoeMoELayer
     if not use_te and model.expert_impl == "grouped":
         spec.submodules.experts = ModuleSpec(
             module=GroupedSwiGLUExperts, submodules=spec.submodules.experts.submodules

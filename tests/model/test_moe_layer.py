@@ -1,0 +1,36 @@
+"""The MoE layer's dispatcher skips Megatron's sort by local expert only where it is the identity,
+and skipping it changes nothing: outputs and every gradient are bit-identical."""
+
+import pytest
+
+from olmoe_megatron.testing.distributed import get_pool
+from olmoe_megatron.testing.moe_layer_check import compare_dispatch_sort_skip
+
+
+@pytest.fixture(scope="module")
+def results():
+    pool = get_pool(1)
+    out = {dtype: pool.run(compare_dispatch_sort_skip, dtype)[0] for dtype in ("fp32", "bf16")}
+    pool.close()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_identity_sort_skip_is_exact(results, dtype):
+    r = results[dtype]
+    assert r["is_ours"] and r["sort_is_identity"]
+    assert r["num_local_experts"] > 1  # otherwise Megatron never sorts and the test proves nothing
+    assert r["out_equal"] and r["input_grad_equal"]
+    assert r["param_grads_equal"] and r["num_param_grads"] > 0
+
+
+@pytest.mark.parametrize("ep,tp,drop_and_pad,identity", [
+    (1, 1, False, True), (2, 1, False, False), (1, 2, False, False), (1, 1, True, False)])
+def test_sort_skipped_only_where_it_is_the_identity(ep, tp, drop_and_pad, identity):
+    from types import SimpleNamespace
+
+    from olmoe_megatron.model.moe_layer import AlltoAllTokenDispatcher
+
+    dispatcher = SimpleNamespace(skip_identity_sort=True, ep_size=ep, tp_size=tp, drop_and_pad=drop_and_pad,
+                                 shared_experts=None)
+    assert AlltoAllTokenDispatcher._sort_is_identity(dispatcher) is identity
