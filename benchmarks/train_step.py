@@ -90,7 +90,8 @@ def worker_ours(precision_name: str, *, warmup: int, steps: int, profile: str | 
     models = wrap_ddp(chunks, config, train=train_cfg, precision=precision)
     optimizer = build_optimizer(models, train=train_cfg, precision=precision)
     attach_training_hooks(config, models, optimizer)
-    load_counter = ExpertLoadCounter(model_cfg.num_layers, model_cfg.num_experts).attach(chunks)
+    # as the trainer does: expert load is counted for MoE models only
+    load_counter = ExpertLoadCounter(model_cfg.num_layers, model_cfg.num_experts).attach(chunks) if model_cfg.is_moe else None
     position_ids = torch.arange(SEQ_LENGTH).unsqueeze(0).expand(MICRO_BATCH, SEQ_LENGTH).contiguous()
     micro_batches = [[{
         "tokens": b[:, :-1].contiguous(),
