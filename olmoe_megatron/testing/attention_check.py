@@ -50,11 +50,11 @@ def _compare(attention, dtype_name: str, seq: int, batch: int, heads: int, head_
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(seq, batch, heads, head_dim, generator=generator).to(precision.torch_dtype)
                .requires_grad_() for _ in range(3))
+    # Megatron's unfused path takes the causal mask as a tensor (True = masked), or None for no mask.
+    reference_mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1) if mask == "causal" else None
     outputs, grads = [], []
     for module in (reference, ours):
-        # Megatron's unfused path takes the causal mask as a tensor (True = masked), or None for no mask.
-        mask_tensor = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1) if mask == "causal" else None
-        out = module(q, k, v, mask_tensor if module is reference else None)
+        out = module(q, k, v, reference_mask if module is reference else None)
         if module is ours:
             path = "scores" if _graph_has(out.grad_fn, "_ScoresAttentionBackward") else "other"
         (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()

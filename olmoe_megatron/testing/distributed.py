@@ -165,6 +165,15 @@ def get_pool(world_size: int) -> DistributedPool:
     return pool
 
 
+def run_on_one_rank(fn: Callable, cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`fn(**kwargs)` for each named case on the one-rank pool, which is closed after: name -> result."""
+    pool = get_pool(1)
+    try:
+        return {name: pool.run(fn, **kwargs)[0] for name, kwargs in cases.items()}
+    finally:
+        pool.close()
+
+
 def close_pools() -> None:
     for pool in _POOLS.values():
         pool.close()

@@ -4,7 +4,7 @@ paths (explicit scores for short sequences, SDPA for long ones); fp32 uses Megat
 import pytest
 
 from olmoe_megatron.testing.attention_check import compare_core_attention
-from olmoe_megatron.testing.distributed import get_pool
+from olmoe_megatron.testing.distributed import run_on_one_rank
 
 CASES = {
     "scores-causal": dict(dtype_name="bf16"),
@@ -17,13 +17,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def results():
-    pool = get_pool(1)
-    out = {}
-    for name, kwargs in CASES.items():
-        kwargs = dict(kwargs)
-        out[name] = pool.run(compare_core_attention, kwargs.pop("dtype_name"), **kwargs)[0]
-    pool.close()
-    return out
+    return run_on_one_rank(compare_core_attention, CASES)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "fp32"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from olmoe_megatron.model.experts import CPU_ROW_ALIGN, _PaddedSwiGLU, cpu_row_align, padded_layout
-from olmoe_megatron.testing.distributed import get_pool
+from olmoe_megatron.testing.distributed import run_on_one_rank
 from olmoe_megatron.testing.experts_check import compare_experts
 
 # Uneven counts with an empty expert, one exact multiple of the alignment and one single token.
@@ -14,11 +14,9 @@ COUNTS = [5, 0, 37, CPU_ROW_ALIGN * 2, 1, 33]
 
 @pytest.fixture(scope="module")
 def results():
-    pool = get_pool(1)
-    out = {dtype: pool.run(compare_experts, dtype, COUNTS)[0] for dtype in ("fp32", "bf16")}
-    out["empty"] = pool.run(compare_experts, "fp32", [0, 0, 0])[0]
-    pool.close()
-    return out
+    cases = {dtype: {"dtype_name": dtype, "tokens_per_expert": COUNTS} for dtype in ("fp32", "bf16")}
+    cases["empty"] = {"dtype_name": "fp32", "tokens_per_expert": [0, 0, 0]}
+    return run_on_one_rank(compare_experts, cases)
 
 
 def test_padded_layout():

@@ -3,16 +3,13 @@ and skipping it changes nothing: outputs and every gradient are bit-identical.""
 
 import pytest
 
-from olmoe_megatron.testing.distributed import get_pool
+from olmoe_megatron.testing.distributed import run_on_one_rank
 from olmoe_megatron.testing.moe_layer_check import compare_dispatch_sort_skip
 
 
 @pytest.fixture(scope="module")
 def results():
-    pool = get_pool(1)
-    out = {dtype: pool.run(compare_dispatch_sort_skip, dtype)[0] for dtype in ("fp32", "bf16")}
-    pool.close()
-    return out
+    return run_on_one_rank(compare_dispatch_sort_skip, {dtype: {"dtype_name": dtype} for dtype in ("fp32", "bf16")})
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -2,16 +2,13 @@
 
 import pytest
 
-from olmoe_megatron.testing.distributed import get_pool
+from olmoe_megatron.testing.distributed import run_on_one_rank
 from olmoe_megatron.testing.optimizer_check import compare_adamw_step
 
 
 @pytest.fixture(scope="module")
 def results():
-    pool = get_pool(1)
-    out = {dtype: pool.run(compare_adamw_step, dtype)[0] for dtype in ("fp32", "bf16")}
-    pool.close()
-    return out
+    return run_on_one_rank(compare_adamw_step, {dtype: {"dtype_name": dtype} for dtype in ("fp32", "bf16")})
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
