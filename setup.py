@@ -35,7 +35,7 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir={"olmoe_megatron": "olmoe_megatron", **_SUBPACKAGES},
-    package_data={"olmoe_megatron": ["recipes/*.yaml", "golden/*.json"]},
+    package_data={"olmoe_megatron": ["recipes/*.yaml", "golden/*.json", "model/cpu_kernels.c"]},
     install_requires=[
         # CPU machines: 2.13.0 from local disk; clusters: any CUDA build >= 2.6.
         "torch>=2.6",

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from olmoe_megatron.model import cpu_kernels
 from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.megatron_config import to_transformer_config
 from olmoe_megatron.model.precision import PrecisionConfig
 from olmoe_megatron.model.spec import block_spec
 from olmoe_megatron.parallel.context import ParallelContext
+
+
+class OlmoeGPTModel(GPTModel):
+    """Megatron's GPTModel; bf16 logits on CPU take the fused cross-entropy kernel.
+
+    The loss is Megatron's vocab-parallel cross-entropy either way (same all-reduces over the
+    TP group); the kernel only avoids the fp32 copy of the logits (`cpu_kernels`).
+    """
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.config.cross_entropy_loss_fusion or not cpu_kernels.applies(logits):
+            return super().compute_language_model_loss(labels, logits)
+        tp = self.pg_collection.tp
+        vocab_start = dist.get_rank(tp) * logits.shape[-1] if tp is not None else 0
+        loss_sb = cpu_kernels.vocab_parallel_cross_entropy_bf16(
+            logits, labels.transpose(0, 1).contiguous(), group=tp, vocab_start=vocab_start
+        )
+        return loss_sb.transpose(0, 1).contiguous()
 
 
 def build_transformer_config(
@@ -52,7 +73,7 @@ def build_model_chunks(
         post = context.is_last_stage and chunk == num_chunks - 1
         num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=context.pp_rank)
         chunks.append(
-            GPTModel(
+            OlmoeGPTModel(
                 config=config,
                 transformer_layer_spec=block_spec(model, num_layers=num_layers, use_te=use_te),
                 vocab_size=model.padded_vocab_size,

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from olmoe_megatron.model import cpu_kernels
+
 CPU_ROW_ALIGN = 32
 """Each expert's rows are padded to a multiple of this on CPU in bf16/fp16 (bounded set of GEMM shapes)."""
 
@@ -97,9 +99,14 @@ class _PaddedSwiGLU(torch.autograd.Function):
         hidden_PH = _scatter_rows(hidden_TH, index_T, total)
         probs_P = _scatter_rows(probs_T, index_T, total)
         fc1_out_P2F = _expert_gemms(hidden_PH, weights[:num_experts], padded)
-        gate_PF, up_PF = torch.chunk(fc1_out_P2F, 2, dim=-1)
-        act_PF = F.silu(gate_PF) * up_PF  # in the compute dtype, as Megatron's SwiGLU
-        scaled_PF = (act_PF * probs_P.unsqueeze(-1)).to(act_PF.dtype)
+        ctx.fused = probs_P.dtype == torch.float32 and probs_P.is_contiguous() and cpu_kernels.applies(fc1_out_P2F)
+        if ctx.fused:  # one pass; act is recomputed in backward
+            scaled_PF = cpu_kernels.swiglu_probs_forward(fc1_out_P2F, probs_P)
+            act_PF = None
+        else:
+            gate_PF, up_PF = torch.chunk(fc1_out_P2F, 2, dim=-1)
+            act_PF = F.silu(gate_PF) * up_PF  # in the compute dtype, as Megatron's SwiGLU
+            scaled_PF = (act_PF * probs_P.unsqueeze(-1)).to(act_PF.dtype)
         out_PH = _expert_gemms(scaled_PF, weights[num_experts:], padded)
         ctx.save_for_backward(hidden_PH, probs_P, fc1_out_P2F, act_PF, scaled_PF, index_T, *weights)
         ctx.padded = padded
@@ -111,30 +118,38 @@ class _PaddedSwiGLU(torch.autograd.Function):
         hidden_PH, probs_P, fc1_out_P2F, act_PF, scaled_PF, index_T, *weights = ctx.saved_tensors
         padded = ctx.padded
         num_experts = len(padded)
-        dtype = hidden_PH.dtype
-        grad_out_PH = _scatter_rows(grad_out_TH.to(dtype), index_T, sum(padded))
+        grad_out_PH = _scatter_rows(grad_out_TH.to(hidden_PH.dtype), index_T, sum(padded))
         grad_scaled_PF, grad_fc2 = _expert_gemms_backward(grad_out_PH, scaled_PF, weights[num_experts:], padded)
-
-        # Probability scaling backward in fp32 (as autograd does for `act * probs` with fp32 probs),
-        # then SwiGLU backward in the compute dtype (as autograd does for SequentialMLP): these
-        # passes are memory-bound, and bf16 halves their traffic.
-        grad_scaled32 = grad_scaled_PF.float()
-        grad_probs_P = (grad_scaled32 * act_PF).sum(-1)
-        grad_act_PF = (grad_scaled32 * probs_P.unsqueeze(-1)).to(dtype)
-        gate_PF, up_PF = torch.chunk(fc1_out_P2F, 2, dim=-1)
-        sig_PF = torch.sigmoid(gate_PF)
-        silu_PF = gate_PF * sig_PF
-        grad_silu_PF = torch.addcmul(sig_PF, silu_PF, 1 - sig_PF)  # d silu(g)/dg = s + silu(g) (1 - s)
-        grad_fc1_out_P2F = torch.empty_like(fc1_out_P2F)
-        half = gate_PF.shape[-1]
-        torch.mul(grad_act_PF * up_PF, grad_silu_PF, out=grad_fc1_out_P2F[:, :half])
-        torch.mul(grad_act_PF, silu_PF, out=grad_fc1_out_P2F[:, half:])
+        if ctx.fused:
+            grad_fc1_out_P2F, grad_probs_P = cpu_kernels.swiglu_probs_backward(grad_scaled_PF, fc1_out_P2F, probs_P)
+        else:
+            grad_fc1_out_P2F, grad_probs_P = _swiglu_probs_backward(grad_scaled_PF, fc1_out_P2F, act_PF, probs_P)
 
         grad_hidden_PH, grad_fc1 = _expert_gemms_backward(grad_fc1_out_P2F, hidden_PH, weights[:num_experts], padded)
         if grad_hidden_PH.shape[0] != grad_out_TH.shape[0]:
             grad_hidden_PH, grad_probs_P = grad_hidden_PH.index_select(0, index_T), grad_probs_P.index_select(0, index_T)
         grad_hidden_TH, grad_probs_T = grad_hidden_PH, grad_probs_P.to(ctx.probs_dtype)
         return (grad_hidden_TH, grad_probs_T, None, None, *grad_fc1, *grad_fc2)
+
+
+def _swiglu_probs_backward(grad_scaled_PF, fc1_out_P2F, act_PF, probs_P):
+    """Gradients of fc1_out and of the probabilities, for `scaled = (silu(gate) * up) * p`."""
+    dtype = fc1_out_P2F.dtype
+    # Probability scaling backward in fp32 (as autograd does for `act * probs` with fp32 probs),
+    # then SwiGLU backward in the compute dtype (as autograd does for SequentialMLP): these
+    # passes are memory-bound, and bf16 halves their traffic.
+    grad_scaled32 = grad_scaled_PF.float()
+    grad_probs_P = (grad_scaled32 * act_PF).sum(-1)
+    grad_act_PF = (grad_scaled32 * probs_P.unsqueeze(-1)).to(dtype)
+    gate_PF, up_PF = torch.chunk(fc1_out_P2F, 2, dim=-1)
+    sig_PF = torch.sigmoid(gate_PF)
+    silu_PF = gate_PF * sig_PF
+    grad_silu_PF = torch.addcmul(sig_PF, silu_PF, 1 - sig_PF)  # d silu(g)/dg = s + silu(g) (1 - s)
+    grad_fc1_out_P2F = torch.empty_like(fc1_out_P2F)
+    half = gate_PF.shape[-1]
+    torch.mul(grad_act_PF * up_PF, grad_silu_PF, out=grad_fc1_out_P2F[:, :half])
+    torch.mul(grad_act_PF, silu_PF, out=grad_fc1_out_P2F[:, half:])
+    return grad_fc1_out_P2F, grad_probs_P
 
 
 class GroupedSwiGLUExperts(SequentialMLP):

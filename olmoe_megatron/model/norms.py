@@ -22,9 +22,16 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from olmoe_megatron.model import cpu_kernels
+
 
 def rms_normalize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, mean_square: torch.Tensor | None = None) -> torch.Tensor:
-    """`weight * (x / sqrt(mean(x^2) + eps))`, computed in fp32, cast back before the weight."""
+    """`weight * (x / sqrt(mean(x^2) + eps))`, computed in fp32, cast back before the weight.
+
+    bf16 on CPU runs the fused kernel (one pass forward, one backward) where it is built.
+    """
+    if mean_square is None and cpu_kernels.applies(x, weight):
+        return cpu_kernels.rms_norm_bf16(x, weight, eps)
     x32 = x.float()
     if mean_square is None:
         mean_square = x32.pow(2).mean(-1, keepdim=True)
@@ -91,6 +98,8 @@ class FullWidthQKNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, heads, head_dim = x.shape
         flat = x.reshape(s, b, heads * head_dim)
+        if self.tp_size == 1 and cpu_kernels.applies(flat, self.weight):
+            return cpu_kernels.rms_norm_bf16(flat, self.weight, self.eps).view(s, b, heads, head_dim)
         square_sum = flat.float().pow(2).sum(-1, keepdim=True)
         if self.tp_size > 1:
             square_sum = _AllReduceBothWays.apply(square_sum, parallel_state.get_tensor_model_parallel_group())

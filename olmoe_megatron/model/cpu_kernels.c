@@ -1,0 +1,239 @@
+/* Fused bf16 kernels for CPU training (see cpu_kernels.py for why and how they are loaded).
+ *
+ * bf16 tensors are passed as uint16_t bit patterns; all arithmetic is fp32, and every value that
+ * the torch reference rounds to bf16 is rounded here too (round to nearest even, NaN kept), so the
+ * results differ from the reference only by the order of fp32 sums and by exp's last bits.
+ * Rows are split over the OpenMP threads torch uses (torch's libgomp is the one loaded).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+/* Parallelise a row loop only when there is enough work to pay for waking the threads. */
+#define PARALLEL_MIN_ELEMENTS 16384
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* ------------------------------------------------------------------ RMSNorm
+ * y = w * bf16(x * r), r = 1 / sqrt(mean(x^2) + eps) per row, as olmoe_megatron.model.norms.rms_normalize
+ * (cast back to bf16 before the weight multiply, as OLMoE and HF's OlmoeRMSNorm do).
+ */
+void rmsnorm_fwd_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, float *rstd,
+                      int64_t rows, int64_t width, float eps) {
+#pragma omp parallel for schedule(static) if (rows * width >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *xi = x + i * width;
+        uint16_t *yi = y + i * width;
+        float sum_sq = 0.0f;
+#pragma omp simd reduction(+ : sum_sq)
+        for (int64_t j = 0; j < width; j++) {
+            float v = bf16_to_f32(xi[j]);
+            sum_sq += v * v;
+        }
+        float r = 1.0f / sqrtf(sum_sq / (float)width + eps);
+        rstd[i] = r;
+#pragma omp simd
+        for (int64_t j = 0; j < width; j++) {
+            float n = bf16_to_f32(f32_to_bf16(bf16_to_f32(xi[j]) * r));
+            yi[j] = f32_to_bf16(bf16_to_f32(w[j]) * n);
+        }
+    }
+}
+
+/* Gradients of rmsnorm_fwd_bf16. With g = bf16(dy * w) (the bf16 gradient of the normalised rows):
+ *   dx = r * g - x * r^3 * sum(g * x) / width      (rounded to bf16)
+ *   dw = sum over rows of dy * bf16(x * r)          (fp32, summed per thread then over threads)
+ */
+void rmsnorm_bwd_bf16(const uint16_t *dy, const uint16_t *x, const uint16_t *w, const float *rstd,
+                      uint16_t *dx, float *dw, int64_t rows, int64_t width) {
+    int num_threads = (rows * width >= PARALLEL_MIN_ELEMENTS) ? omp_get_max_threads() : 1;
+    float *partial = calloc((size_t)num_threads * (size_t)width, sizeof(float));
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *acc = partial + (size_t)omp_get_thread_num() * (size_t)width;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            const uint16_t *dyi = dy + i * width;
+            const uint16_t *xi = x + i * width;
+            uint16_t *dxi = dx + i * width;
+            float r = rstd[i];
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < width; j++) {
+                float d = bf16_to_f32(dyi[j]);
+                float v = bf16_to_f32(xi[j]);
+                float g = bf16_to_f32(f32_to_bf16(d * bf16_to_f32(w[j])));
+                dot += g * v;
+                acc[j] += d * bf16_to_f32(f32_to_bf16(v * r));
+            }
+            float c = r * r * r * dot / (float)width;
+#pragma omp simd
+            for (int64_t j = 0; j < width; j++) {
+                float g = bf16_to_f32(f32_to_bf16(bf16_to_f32(dyi[j]) * bf16_to_f32(w[j])));
+                dxi[j] = f32_to_bf16(r * g - bf16_to_f32(xi[j]) * c);
+            }
+        }
+    }
+    memset(dw, 0, (size_t)width * sizeof(float));
+    for (int t = 0; t < num_threads; t++)
+        for (int64_t j = 0; j < width; j++) dw[j] += partial[(size_t)t * (size_t)width + j];
+    free(partial);
+}
+
+/* ------------------------------------------------------------------ exp and SiLU
+ * exp on [-87.3, 88.7] (Cephes' polynomial, ~1 ulp), vectorisable; NaN stays NaN. Below -87.3 it
+ * returns exp(-87.3) ~ 1e-38 instead of a denormal or 0: nothing in a softmax sum or a sigmoid can
+ * tell the difference.
+ */
+static inline float exp_f32(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    x = x > 88.7f ? 88.7f : x;
+    /* round to nearest integer by the 1.5 * 2^23 trick (a floorf call blocks vectorisation here) */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r) + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
+/* ------------------------------------------------------------------ vocab-parallel cross-entropy
+ * Megatron's _VocabParallelCrossEntropy on bf16 logits without materialising them in fp32:
+ *   pass 1: row max;  (all-reduce MAX over TP)
+ *   pass 2: sum(exp(l - max)) and the target's l - max (0 where the target is on another rank);
+ *           (all-reduce SUM over TP; loss = log(sum) - predicted)
+ *   backward: dl = g * (exp(l - max) / sum - [j == target]), rounded to bf16.
+ */
+void ce_max_bf16(const uint16_t *logits, float *row_max, int64_t rows, int64_t vocab) {
+#pragma omp parallel for schedule(static) if (rows * vocab >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *li = logits + i * vocab;
+        float m = -INFINITY;
+        int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+        for (int64_t j = 0; j < vocab; j++) {
+            float v = bf16_to_f32(li[j]);
+            m = v > m ? v : m;
+            nan |= v != v;
+        }
+        row_max[i] = nan ? NAN : m;
+    }
+}
+
+void ce_sum_exp_bf16(const uint16_t *logits, const float *row_max, const int64_t *target, float *sum_exp,
+                     float *predicted, int64_t rows, int64_t vocab, int64_t vocab_start) {
+#pragma omp parallel for schedule(static) if (rows * vocab >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *li = logits + i * vocab;
+        float m = row_max[i];
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < vocab; j++) s += exp_f32(bf16_to_f32(li[j]) - m);
+        sum_exp[i] = s;
+        int64_t t = target[i] - vocab_start;
+        predicted[i] = (t >= 0 && t < vocab) ? bf16_to_f32(li[t]) - m : 0.0f;
+    }
+}
+
+static void ce_grad_row(const uint16_t *restrict li, uint16_t *restrict gi, int64_t vocab, float m, float scale) {
+#pragma omp simd
+    for (int64_t j = 0; j < vocab; j++) gi[j] = f32_to_bf16(scale * exp_f32(bf16_to_f32(li[j]) - m));
+}
+
+void ce_grad_bf16(const uint16_t *logits, const float *row_max, const float *sum_exp, const int64_t *target,
+                  const float *grad_loss, uint16_t *grad_logits, int64_t rows, int64_t vocab, int64_t vocab_start) {
+#pragma omp parallel for schedule(static) if (rows * vocab >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *li = logits + i * vocab;
+        uint16_t *gi = grad_logits + i * vocab;
+        float m = row_max[i];
+        float inv = 1.0f / sum_exp[i];
+        float g = grad_loss[i];
+        ce_grad_row(li, gi, vocab, m, g * inv);
+        int64_t t = target[i] - vocab_start;
+        if (t >= 0 && t < vocab) gi[t] = f32_to_bf16(g * (exp_f32(bf16_to_f32(li[t]) - m) * inv - 1.0f));
+    }
+}
+
+/* ------------------------------------------------------------------ SwiGLU experts with router probabilities
+ * fc1_out rows are [gate (width) | up (width)]. Forward, as GroupedSwiGLUExperts' torch code rounds:
+ *   act = bf16(bf16(silu(gate)) * up),  scaled = bf16(act * p)   (p: the row's fp32 probability)
+ * Backward, given d = d(scaled):
+ *   dp = sum(d * act) (fp32),  da = bf16(d * p),
+ *   d(gate) = bf16(da * up * silu'(gate)),  d(up) = bf16(da * silu(gate))
+ */
+static void swiglu_probs_fwd_row(const uint16_t *restrict gate, const uint16_t *restrict up, uint16_t *restrict out,
+                                 int64_t width, float p) {
+#pragma omp simd
+    for (int64_t j = 0; j < width; j++) {
+        float g = bf16_to_f32(gate[j]);
+        float silu = bf16_to_f32(f32_to_bf16(g * sigmoid_f32(g)));
+        float act = bf16_to_f32(f32_to_bf16(silu * bf16_to_f32(up[j])));
+        out[j] = f32_to_bf16(act * p);
+    }
+}
+
+void swiglu_probs_fwd_bf16(const uint16_t *fc1_out, const float *probs, uint16_t *scaled, int64_t rows,
+                           int64_t width) {
+#pragma omp parallel for schedule(static) if (rows * width >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *gate = fc1_out + i * 2 * width;
+        swiglu_probs_fwd_row(gate, gate + width, scaled + i * width, width, probs[i]);
+    }
+}
+
+static float swiglu_probs_bwd_row(const uint16_t *restrict gate, const uint16_t *restrict up,
+                                  const uint16_t *restrict d, uint16_t *restrict d_gate, uint16_t *restrict d_up,
+                                  int64_t width, float p) {
+    float dp = 0.0f;
+#pragma omp simd reduction(+ : dp)
+    for (int64_t j = 0; j < width; j++) {
+        float g = bf16_to_f32(gate[j]);
+        float u = bf16_to_f32(up[j]);
+        float sig = sigmoid_f32(g);
+        float silu = g * sig;
+        float act = bf16_to_f32(f32_to_bf16(bf16_to_f32(f32_to_bf16(silu)) * u));
+        float dj = bf16_to_f32(d[j]);
+        dp += dj * act;
+        float da = bf16_to_f32(f32_to_bf16(dj * p));
+        d_gate[j] = f32_to_bf16(da * u * (sig + silu * (1.0f - sig)));
+        d_up[j] = f32_to_bf16(da * silu);
+    }
+    return dp;
+}
+
+void swiglu_probs_bwd_bf16(const uint16_t *grad_scaled, const uint16_t *fc1_out, const float *probs,
+                           uint16_t *grad_fc1_out, float *grad_probs, int64_t rows, int64_t width) {
+#pragma omp parallel for schedule(static) if (rows * width >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *gate = fc1_out + i * 2 * width;
+        uint16_t *d_gate = grad_fc1_out + i * 2 * width;
+        grad_probs[i] = swiglu_probs_bwd_row(gate, gate + width, grad_scaled + i * width, d_gate, d_gate + width,
+                                             width, probs[i]);
+    }
+}

@@ -1,0 +1,199 @@
+"""The fused bf16 CPU kernels (olmoe_megatron.model.cpu_kernels): each against float64 and against
+the torch code it replaces, the modules that route to them, and the build and fallback machinery."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from olmoe_megatron.model import cpu_kernels
+from olmoe_megatron.model.experts import _PaddedSwiGLU, _swiglu_probs_backward, padded_layout
+from olmoe_megatron.model.norms import rms_normalize
+from olmoe_megatron.testing.cpu_kernels_check import vocab_parallel_ce_check
+from olmoe_megatron.testing.distributed import get_pool
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler here: the CPU kernels are not built")
+
+BF16_STEP = 2.0**-7  # one bf16 rounding step, relative
+
+
+def _torch_path(monkeypatch):
+    monkeypatch.setenv("OLMOE_CPU_KERNELS", "0")
+    assert not cpu_kernels.available()
+
+
+def _rms_reference(x, weight, eps):
+    x64 = x.double()
+    return weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rms_run(x0, w0, grad):
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    y = rms_normalize(x, w, 1e-5)
+    y.backward(grad)
+    return y.detach(), x.grad, w.grad, type(y.grad_fn).__name__
+
+
+@pytest.fixture(scope="module")
+def rms_case():
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 3, 256, generator=generator) * 3).bfloat16()
+    w = (torch.rand(256, generator=generator) + 0.5).bfloat16()
+    grad = torch.randn(64, 3, 256, generator=generator).bfloat16()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    _rms_reference(x64, w64, 1e-5).backward(grad.double())
+    return x, w, grad, (_rms_reference(x, w, 1e-5), x64.grad, w64.grad)
+
+
+def test_rmsnorm_kernel_matches_torch_and_float64(rms_case, monkeypatch):
+    x, w, grad, ref = rms_case
+    kernel = _rms_run(x, w, grad)
+    assert kernel[3] == "_RMSNormBF16Backward"
+    _torch_path(monkeypatch)
+    torch_out = _rms_run(x, w, grad)
+    assert torch_out[3] != "_RMSNormBF16Backward"
+    # Forward: the same roundings as the torch code; fp32 sums in another order move a few
+    # outputs by one bf16 step at most.
+    diff = (kernel[0].float() - torch_out[0].float()).abs()
+    assert (diff <= BF16_STEP * torch_out[0].float().abs()).all()
+    assert (diff == 0).float().mean() > 0.999
+    for k, t, r in zip(kernel[:3], torch_out[:3], ref):  # every output at least as close to float64
+        err_kernel, err_torch = (k.double() - r).abs().max(), (t.double() - r).abs().max()
+        assert err_kernel <= err_torch * 1.01 + 1e-6, (err_kernel, err_torch)
+
+
+def test_rmsnorm_fp32_keeps_the_torch_code():
+    x = torch.randn(8, 32)
+    w = torch.rand(32)
+    y = rms_normalize(x, w, 1e-5)
+    assert torch.equal(y, w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)))
+
+
+def test_full_width_qk_norm_uses_the_kernel():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from olmoe_megatron.model.norms import FullWidthQKNorm
+
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, params_dtype=torch.bfloat16)
+    norm = FullWidthQKNorm(config, 16, projection="query")
+    x = torch.randn(5, 2, 4, 16).bfloat16()
+    y = norm(x)
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_RMSNormBF16Backward"
+    expected = rms_normalize(x.reshape(5, 2, 64), norm.weight, norm.eps).view(5, 2, 4, 16)
+    assert torch.equal(y, expected)
+
+
+def _ce_reference(logits, target):
+    full = logits.double().requires_grad_()
+    loss = torch.logsumexp(full, -1) - full.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return full, loss
+
+
+def test_cross_entropy_matches_megatron_math_and_float64():
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(40, 3, 500, generator=generator) * 5).bfloat16()
+    target = torch.randint(0, 500, (40, 3), generator=generator)
+    grad = torch.rand(40, 3, generator=generator)
+    x = logits.clone().requires_grad_()
+    loss = cpu_kernels.vocab_parallel_cross_entropy_bf16(x, target)
+    loss.backward(grad)
+    full, ref = _ce_reference(logits, target)
+    ref.backward(grad.double())
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    # Megatron's fp32 computation is exact up to fp32 rounding: the kernel must be as well.
+    assert (loss.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+    assert ((x.grad.double() - full.grad).abs() <= BF16_STEP * full.grad.abs() + 1e-7).all()
+
+
+def test_cross_entropy_keeps_nan_in_its_row():
+    logits = torch.randn(6, 1, 64).bfloat16()
+    logits[2, 0, 5] = float("nan")
+    loss = cpu_kernels.vocab_parallel_cross_entropy_bf16(logits, torch.zeros(6, 1, dtype=torch.long))
+    assert torch.isnan(loss[2, 0]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all()
+
+
+def test_cross_entropy_vocab_split_over_two_ranks():
+    results = get_pool(2).run(vocab_parallel_ce_check)
+    for r in results:
+        assert r["grad_fn"] == "_VocabParallelCrossEntropyBF16Backward"
+        assert r["max_loss_diff"] < 1e-5
+        assert r["max_grad_diff"] <= BF16_STEP * r["max_grad"]
+
+
+@pytest.fixture(scope="module")
+def swiglu_case():
+    generator = torch.Generator().manual_seed(3)
+    fc1 = (torch.randn(300, 2 * 48, generator=generator) * 2).bfloat16()
+    probs = torch.rand(300, generator=generator)
+    grad = torch.randn(300, 48, generator=generator).bfloat16()
+    return fc1, probs, grad
+
+
+def test_swiglu_forward_equals_torch_bitwise(swiglu_case):
+    fc1, probs, _ = swiglu_case
+    act = F.silu(fc1[:, :48]) * fc1[:, 48:]
+    assert torch.equal(cpu_kernels.swiglu_probs_forward(fc1, probs), (act * probs.unsqueeze(-1)).to(torch.bfloat16))
+
+
+def test_swiglu_backward_at_least_as_close_to_float64(swiglu_case):
+    fc1, probs, grad = swiglu_case
+    act = F.silu(fc1[:, :48]) * fc1[:, 48:]
+    torch_fc1, torch_probs = _swiglu_probs_backward(grad, fc1, act, probs)
+    kernel_fc1, kernel_probs = cpu_kernels.swiglu_probs_backward(grad, fc1, probs)
+    f64, p64 = fc1.double().requires_grad_(), probs.double().requires_grad_()
+    (F.silu(f64[:, :48]) * f64[:, 48:] * p64.unsqueeze(-1)).backward(grad.double())
+    for kernel, ours_torch, ref in ((kernel_fc1, torch_fc1, f64.grad), (kernel_probs, torch_probs, p64.grad)):
+        err_kernel, err_torch = (kernel.double() - ref).abs().max(), (ours_torch.double() - ref).abs().max()
+        assert err_kernel <= err_torch * 1.01 + 1e-6, (err_kernel, err_torch)
+
+
+def test_padded_swiglu_with_and_without_kernels(monkeypatch):
+    generator = torch.Generator().manual_seed(4)
+    counts = [9, 0, 40, 3]
+    padded, index = padded_layout(counts, 32)
+    x0 = torch.randn(sum(counts), 32, generator=generator).bfloat16()
+    probs0 = torch.rand(sum(counts), generator=generator)
+    weights0 = [(torch.randn(48, 32, generator=generator) / 6).bfloat16() for _ in counts]
+    weights0 += [(torch.randn(32, 24, generator=generator) / 5).bfloat16() for _ in counts]
+
+    def run():
+        x, probs = x0.clone().requires_grad_(), probs0.clone().requires_grad_()
+        weights = [w.clone().requires_grad_() for w in weights0]
+        out = _PaddedSwiGLU.apply(x, probs, padded, index, *weights)
+        out.float().square().sum().backward()
+        return [out.detach(), x.grad, probs.grad, *[w.grad for w in weights if w.grad is not None]]
+
+    kernel = run()
+    _torch_path(monkeypatch)
+    reference = run()
+    assert torch.equal(kernel[0], reference[0])  # the forward rounds exactly as the torch code
+    for k, r in zip(kernel[1:], reference[1:]):
+        assert (k.float() - r.float()).abs().max() <= 2 * BF16_STEP * r.float().abs().max()
+
+
+# ----------------------------------------------------------------------------- build machinery
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("OLMOE_KERNEL_CACHE", str(tmp_path))
+    compiler = os.environ.get("CC") or "cc"
+    first = cpu_kernels._build(compiler)
+    stamp = first.stat().st_mtime_ns
+    second = cpu_kernels._build(compiler)
+    assert first == second and second.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+
+
+def test_failed_build_names_the_command_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("OLMOE_KERNEL_CACHE", str(tmp_path))
+    bad = tmp_path / "bad-cc"
+    bad.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo bad-cc 1.0 && exit 0\necho 'no such flag' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    with pytest.raises(RuntimeError, match="bad-cc.*failed:\n.*no such flag"):
+        cpu_kernels._build(str(bad))
+    assert [p.name for p in tmp_path.iterdir()] == ["bad-cc"]
+
+
+def test_switched_off_by_environment(monkeypatch):
+    _torch_path(monkeypatch)
+    assert cpu_kernels.library() is None
+    assert not cpu_kernels.applies(torch.zeros(2, dtype=torch.bfloat16))
