@@ -16,6 +16,8 @@ softmaxes them in separate kernels and keeps the probabilities for backward.
   and probabilities go to the compute dtype for p v, as the flash kernel does. Backward (the
   flash-attention recurrence: dS = P * (dP - rowsum(dO * O))) keeps dP in fp32 and runs the dV, dQ,
   dK matmuls in the compute dtype. Forward + backward per layer: 5.1 ms against SDPA's 7.7 ms.
+  In bf16 with the CPU kernels built (`cpu_kernels`), mask + softmax + cast is one pass forward
+  and P * (dP - row) + cast one pass backward (~1 ms less per layer).
 
 It takes over bf16/fp16 attention in the cases it computes identically (causal or no mask, no
 dropout, vanilla softmax, no window, no query-key layer scaling). fp32 runs keep Megatron's forward:
@@ -31,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+from olmoe_megatron.model import cpu_kernels
 
 CPU_SCORES_MAX_ELEMENTS = 2 ** 24
 """The explicit-scores CPU attention runs when b * heads * s_q * s_k is at most this (per layer: the
@@ -56,12 +60,16 @@ class _ScoresAttention(torch.autograd.Function):
     def forward(ctx, q_Bsd, k_Bsd, v_Bsd, scale: float, causal: bool):
         q32_Bsd = q_Bsd.float().mul_(scale)
         k32_Bds = k_Bsd.float().transpose(1, 2)
-        if causal:
-            scores_Bss = torch.baddbmm(_causal_bias(q_Bsd.shape[1]), q32_Bsd, k32_Bds)
+        ctx.fused = q_Bsd.dtype == torch.bfloat16 and cpu_kernels.available()
+        if ctx.fused:  # mask, softmax and the cast to bf16 in one pass
+            probs_Bss = cpu_kernels.attention_softmax_forward(torch.bmm(q32_Bsd, k32_Bds), causal=causal)
         else:
-            scores_Bss = torch.bmm(q32_Bsd, k32_Bds)
-        probs_Bss = torch.softmax(scores_Bss, dim=-1).to(q_Bsd.dtype)
-        del scores_Bss
+            if causal:
+                scores_Bss = torch.baddbmm(_causal_bias(q_Bsd.shape[1]), q32_Bsd, k32_Bds)
+            else:
+                scores_Bss = torch.bmm(q32_Bsd, k32_Bds)
+            probs_Bss = torch.softmax(scores_Bss, dim=-1).to(q_Bsd.dtype)
+            del scores_Bss
         out_Bsd = torch.bmm(probs_Bss, v_Bsd)
         ctx.save_for_backward(q_Bsd, k_Bsd, v_Bsd, probs_Bss, out_Bsd)
         ctx.scale = scale
@@ -76,7 +84,10 @@ class _ScoresAttention(torch.autograd.Function):
         grad_probs_Bss = torch.bmm(grad_out32_Bsd, v_Bsd.float().transpose(1, 2))
         # rowsum(P * dP) = rowsum(dO * O): a [B, s, d] product instead of an [B, s, s] one.
         row_B1s = (grad_out32_Bsd * out_Bsd.float()).sum(-1, keepdim=True)
-        grad_scores_Bss = grad_probs_Bss.sub_(row_B1s).mul_(probs_Bss).to(q_Bsd.dtype)
+        if ctx.fused:
+            grad_scores_Bss = cpu_kernels.attention_softmax_backward(grad_probs_Bss, probs_Bss, row_B1s)
+        else:
+            grad_scores_Bss = grad_probs_Bss.sub_(row_B1s).mul_(probs_Bss).to(q_Bsd.dtype)
         del grad_probs_Bss
         grad_q_Bsd = torch.bmm(grad_scores_Bss, k_Bsd).mul_(ctx.scale)
         grad_k_Bsd = torch.bmm(grad_scores_Bss.transpose(1, 2), q_Bsd).mul_(ctx.scale)

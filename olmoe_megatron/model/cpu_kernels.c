@@ -237,3 +237,52 @@ void swiglu_probs_bwd_bf16(const uint16_t *grad_scaled, const uint16_t *fc1_out,
                                              width, probs[i]);
     }
 }
+
+/* ------------------------------------------------------------------ attention softmax
+ * Rows of fp32 scores (already scaled) -> bf16 probabilities; with `causal`, row i of each
+ * [s_q, s_k] block sees keys 0..i + (s_k - s_q) and the rest are exact zeros. Backward, with the
+ * flash recurrence's row term (rowsum(dO * O) = rowsum(P * dP)):  dS = bf16(P * (dP - row)).
+ */
+static void softmax_row(const float *restrict x, uint16_t *restrict p, int64_t n, int64_t visible) {
+    float m = -INFINITY;
+    int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (int64_t j = 0; j < visible; j++) {
+        m = x[j] > m ? x[j] : m;
+        nan |= x[j] != x[j];
+    }
+    if (nan) m = NAN;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < visible; j++) s += exp_f32(x[j] - m);
+    float inv = 1.0f / s;
+#pragma omp simd
+    for (int64_t j = 0; j < visible; j++) p[j] = f32_to_bf16(exp_f32(x[j] - m) * inv);
+    for (int64_t j = visible; j < n; j++) p[j] = 0;
+}
+
+void softmax_fwd_f32_bf16(const float *scores, uint16_t *probs, int64_t blocks, int64_t s_q, int64_t s_k,
+                          int causal) {
+    int64_t rows = blocks * s_q;
+#pragma omp parallel for schedule(static) if (rows * s_k >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t i = r % s_q;
+        int64_t visible = causal ? i + 1 + (s_k - s_q) : s_k;
+        if (visible > s_k) visible = s_k;
+        if (visible < 0) visible = 0;
+        softmax_row(scores + r * s_k, probs + r * s_k, s_k, visible);
+    }
+}
+
+static void softmax_bwd_row(const float *restrict grad_probs, const uint16_t *restrict p, uint16_t *restrict out,
+                            int64_t n, float row) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) out[j] = f32_to_bf16(bf16_to_f32(p[j]) * (grad_probs[j] - row));
+}
+
+void softmax_bwd_bf16(const float *grad_probs, const uint16_t *probs, const float *row_term, uint16_t *grad_scores,
+                      int64_t rows, int64_t s_k) {
+#pragma omp parallel for schedule(static) if (rows * s_k >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++)
+        softmax_bwd_row(grad_probs + r * s_k, probs + r * s_k, grad_scores + r * s_k, s_k, row_term[r]);
+}

@@ -49,6 +49,8 @@ _SIGNATURES = {
     "ce_grad_bf16": (_P, _P, _P, _P, _P, _P, _I64, _I64, _I64),
     "swiglu_probs_fwd_bf16": (_P, _P, _P, _I64, _I64),
     "swiglu_probs_bwd_bf16": (_P, _P, _P, _P, _P, _I64, _I64),
+    "softmax_fwd_f32_bf16": (_P, _P, _I64, _I64, _I64, ctypes.c_int),
+    "softmax_bwd_bf16": (_P, _P, _P, _P, _I64, _I64),
 }
 
 
@@ -234,3 +236,22 @@ def swiglu_probs_backward(grad_scaled_PF: torch.Tensor, fc1_out_P2F: torch.Tenso
     library().swiglu_probs_bwd_bf16(_ptr(grad_scaled_PF), _ptr(fc1_out_P2F), _ptr(probs_P), _ptr(grad_fc1_out_P2F),
                                     _ptr(grad_probs_P), rows, width)
     return grad_fc1_out_P2F, grad_probs_P
+
+
+# ----------------------------------------------------------------------------- attention softmax
+def attention_softmax_forward(scores_Bqk: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    """bf16 softmax over the last dimension of fp32 scores [B, s_q, s_k]; `causal` zeroes the keys
+    after each query (query i sees keys up to i + s_k - s_q) without a mask tensor."""
+    blocks, s_q, s_k = scores_Bqk.shape
+    probs_Bqk = torch.empty(scores_Bqk.shape, dtype=torch.bfloat16)
+    library().softmax_fwd_f32_bf16(_ptr(scores_Bqk), _ptr(probs_Bqk), blocks, s_q, s_k, int(causal))
+    return probs_Bqk
+
+
+def attention_softmax_backward(grad_probs_Bqk: torch.Tensor, probs_Bqk: torch.Tensor, row_Bq: torch.Tensor) -> torch.Tensor:
+    """bf16 gradient of the scores, `P * (dP - row)`, with row = rowsum(dO * O) per query (fp32)."""
+    grad_scores_Bqk = torch.empty_like(probs_Bqk)
+    s_k = probs_Bqk.shape[-1]
+    library().softmax_bwd_bf16(_ptr(grad_probs_Bqk), _ptr(probs_Bqk), _ptr(row_Bq), _ptr(grad_scores_Bqk),
+                               probs_Bqk.numel() // s_k, s_k)
+    return grad_scores_Bqk

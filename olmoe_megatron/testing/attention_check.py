@@ -14,20 +14,31 @@ def _graph_has(grad_fn, name: str, depth: int = 8) -> bool:
 
 
 def compare_core_attention(dtype_name: str, *, seq: int = 64, batch: int = 2, heads: int = 4, head_dim: int = 16,
-                           mask: str = "causal", scores_max_elements: int | None = None) -> dict:
+                           mask: str = "causal", scores_max_elements: int | None = None,
+                           cpu_kernels: bool = True) -> dict:
     """Output and q/k/v gradients of SDPACoreAttention against DotProductAttention.
 
-    `scores_max_elements` overrides attention.CPU_SCORES_MAX_ELEMENTS (0: the SDPA path on CPU).
+    `scores_max_elements` overrides attention.CPU_SCORES_MAX_ELEMENTS (0: the SDPA path on CPU);
+    `cpu_kernels=False` runs the explicit-scores path on torch operators only (OLMOE_CPU_KERNELS=0).
     """
+    import os
+
     from olmoe_megatron.model import attention
 
     default_limit = attention.CPU_SCORES_MAX_ELEMENTS
+    default_kernels = os.environ.get("OLMOE_CPU_KERNELS")
     if scores_max_elements is not None:
         attention.CPU_SCORES_MAX_ELEMENTS = scores_max_elements
+    if not cpu_kernels:
+        os.environ["OLMOE_CPU_KERNELS"] = "0"
     try:
         return _compare(attention, dtype_name, seq, batch, heads, head_dim, mask)
     finally:
         attention.CPU_SCORES_MAX_ELEMENTS = default_limit
+        if default_kernels is None:
+            os.environ.pop("OLMOE_CPU_KERNELS", None)
+        else:
+            os.environ["OLMOE_CPU_KERNELS"] = default_kernels
 
 
 def _compare(attention, dtype_name: str, seq: int, batch: int, heads: int, head_dim: int, mask: str) -> dict:

@@ -1,5 +1,6 @@
 """The local spec's core attention (bf16) matches Megatron's DotProductAttention on both of its CPU
-paths (explicit scores for short sequences, SDPA for long ones); fp32 uses Megatron's path."""
+paths (explicit scores for short sequences, with and without the fused softmax kernels; SDPA for
+long ones); fp32 uses Megatron's path."""
 
 import pytest
 
@@ -9,6 +10,7 @@ from olmoe_megatron.testing.distributed import run_on_one_rank
 CASES = {
     "scores-causal": dict(dtype_name="bf16"),
     "scores-no_mask": dict(dtype_name="bf16", mask="no_mask"),
+    "scores-torch-causal": dict(dtype_name="bf16", cpu_kernels=False),
     "sdpa-causal": dict(dtype_name="bf16", scores_max_elements=0),
     "sdpa-no_mask": dict(dtype_name="bf16", mask="no_mask", scores_max_elements=0),
     "fp32": dict(dtype_name="fp32"),

@@ -172,6 +172,29 @@ def test_padded_swiglu_with_and_without_kernels(monkeypatch):
         assert (k.float() - r.float()).abs().max() <= 2 * BF16_STEP * r.float().abs().max()
 
 
+@pytest.mark.parametrize("s_q,s_k,causal", [(37, 37, True), (5, 12, True), (9, 20, False)])
+def test_attention_softmax_matches_torch(s_q, s_k, causal):
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randn(6, s_q, s_k, generator=generator) * 4
+    mask = torch.ones(s_q, s_k, dtype=torch.bool).triu(1 + s_k - s_q) if causal else torch.zeros(s_q, s_k, dtype=torch.bool)
+    reference = torch.softmax(scores.masked_fill(mask, float("-inf")), -1)
+    probs = cpu_kernels.attention_softmax_forward(scores, causal=causal)
+    assert probs.dtype == torch.bfloat16 and (probs[:, mask] == 0).all()
+    assert ((probs.float() - reference).abs() <= BF16_STEP * reference + 1e-7).all()
+
+    grad_probs = torch.randn(6, s_q, s_k, generator=generator)
+    row = torch.randn(6, s_q, 1, generator=generator)
+    expected = (probs.float() * (grad_probs - row)).to(torch.bfloat16)
+    assert torch.equal(cpu_kernels.attention_softmax_backward(grad_probs, probs, row), expected)
+
+
+def test_attention_softmax_keeps_nan_in_its_row():
+    scores = torch.randn(1, 4, 4)
+    scores[0, 2, 1] = float("nan")
+    probs = cpu_kernels.attention_softmax_forward(scores, causal=True)
+    assert torch.isnan(probs[0, 2, :3]).all() and torch.isfinite(probs[0, [0, 1, 3]]).all()
+
+
 # ----------------------------------------------------------------------------- build machinery
 def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("OLMOE_KERNEL_CACHE", str(tmp_path))
