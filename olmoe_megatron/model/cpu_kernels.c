@@ -286,3 +286,22 @@ void softmax_bwd_bf16(const float *grad_probs, const uint16_t *probs, const floa
     for (int64_t r = 0; r < rows; r++)
         softmax_bwd_row(grad_probs + r * s_k, probs + r * s_k, grad_scores + r * s_k, s_k, row_term[r]);
 }
+
+/* ------------------------------------------------------------------ gradient accumulation
+ * dst (fp32) += src (bf16): a weight gradient into its fp32 main_grad without torch's mixed-dtype
+ * add (which first copies src to a temporary fp32 tensor).
+ */
+static void add_bf16_to_f32_range(float *restrict dst, const uint16_t *restrict src, int64_t n) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) dst[j] += bf16_to_f32(src[j]);
+}
+
+void add_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+    const int64_t chunk = 8192;
+    int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) if (n >= 4 * PARALLEL_MIN_ELEMENTS)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t start = c * chunk;
+        add_bf16_to_f32_range(dst + start, src + start, (n - start) < chunk ? (n - start) : chunk);
+    }
+}

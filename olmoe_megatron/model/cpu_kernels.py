@@ -51,6 +51,7 @@ _SIGNATURES = {
     "swiglu_probs_bwd_bf16": (_P, _P, _P, _P, _P, _I64, _I64),
     "softmax_fwd_f32_bf16": (_P, _P, _I64, _I64, _I64, ctypes.c_int),
     "softmax_bwd_bf16": (_P, _P, _P, _P, _I64, _I64),
+    "add_bf16_to_f32": (_P, _P, _I64),
 }
 
 
@@ -255,3 +256,24 @@ def attention_softmax_backward(grad_probs_Bqk: torch.Tensor, probs_Bqk: torch.Te
     library().softmax_bwd_bf16(_ptr(grad_probs_Bqk), _ptr(probs_Bqk), _ptr(row_Bq), _ptr(grad_scores_Bqk),
                                probs_Bqk.numel() // s_k, s_k)
     return grad_scores_Bqk
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+def accumulate_into_main_grads(params, grads) -> bool:
+    """Adds each bf16 weight gradient into its parameter's fp32 `main_grad` (Megatron DDP's
+    buffer) and marks it `grad_added_to_main_grad`, as Megatron's gradient-accumulation fusion
+    does, so DDP's hook does not add it again. Returns False (nothing done) unless every
+    parameter has an fp32 main_grad and every gradient is a contiguous bf16 tensor."""
+    if not available():
+        return False
+    for param, grad in zip(params, grads):
+        main_grad = getattr(param, "main_grad", None)
+        if (main_grad is None or not hasattr(param, "grad_added_to_main_grad") or main_grad.dtype != torch.float32
+                or not main_grad.is_contiguous() or grad.dtype != torch.bfloat16 or not grad.is_contiguous()
+                or main_grad.shape != grad.shape or getattr(param, "zero_out_wgrad", False)):
+            return False
+    lib = library()
+    for param, grad in zip(params, grads):
+        lib.add_bf16_to_f32(_ptr(param.main_grad), _ptr(grad), grad.numel())
+        param.grad_added_to_main_grad = True
+    return True

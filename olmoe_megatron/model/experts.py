@@ -14,7 +14,9 @@ move freely between the two. Only the computation differs:
   `CPU_ROW_ALIGN`: the GEMM shapes come from a small set that stays cached. Padding rows are zeros:
   they add nothing to any result, only ~CPU_ROW_ALIGN/2 rows of work per expert. fp32 needs no
   padding. Forward and backward run by hand (`_PaddedSwiGLU`): GEMMs written into one output
-  buffer, no weight stacking or concatenation.
+  buffer, no weight stacking or concatenation. In bf16 with the CPU kernels built (`cpu_kernels`),
+  SwiGLU and the probability scaling are one pass each way, and under Megatron DDP the weight
+  gradients are added straight into their fp32 main_grad (Megatron's gradient-accumulation fusion).
 
 Legend: T tokens routed to this rank, P the padded row count, H hidden size, F expert FFN width on
 this rank (already divided by expert-tensor-parallel), E local experts.
@@ -129,6 +131,10 @@ class _PaddedSwiGLU(torch.autograd.Function):
         if grad_hidden_PH.shape[0] != grad_out_TH.shape[0]:
             grad_hidden_PH, grad_probs_P = grad_hidden_PH.index_select(0, index_T), grad_probs_P.index_select(0, index_T)
         grad_hidden_TH, grad_probs_T = grad_hidden_PH, grad_probs_P.to(ctx.probs_dtype)
+        # Under Megatron DDP in bf16, the weight gradients go straight into the fp32 main_grad
+        # buffer; autograd still receives them (DDP's hook then sees grad_added_to_main_grad).
+        if ctx.fused:
+            cpu_kernels.accumulate_into_main_grads(weights, [*grad_fc1, *grad_fc2])
         return (grad_hidden_TH, grad_probs_T, None, None, *grad_fc1, *grad_fc2)
 
 

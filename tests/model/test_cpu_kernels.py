@@ -195,6 +195,45 @@ def test_attention_softmax_keeps_nan_in_its_row():
     assert torch.isnan(probs[0, 2, :3]).all() and torch.isfinite(probs[0, [0, 1, 3]]).all()
 
 
+def _ddp_like(weight):
+    """A parameter as Megatron DDP leaves it: an fp32 main_grad and the fusion flag."""
+    param = torch.nn.Parameter(weight.clone())
+    param.main_grad = torch.randn(weight.shape)
+    param.grad_added_to_main_grad = False
+    return param
+
+
+def test_accumulate_into_main_grads_adds_exactly_and_marks():
+    params = [_ddp_like(torch.randn(70, 33).bfloat16()) for _ in range(3)]
+    grads = [torch.randn(70, 33).bfloat16() for _ in params]
+    expected = [p.main_grad + g.float() for p, g in zip(params, grads)]
+    assert cpu_kernels.accumulate_into_main_grads(params, grads)
+    for p, e in zip(params, expected):
+        assert torch.equal(p.main_grad, e) and p.grad_added_to_main_grad
+
+
+def test_accumulate_into_main_grads_needs_every_main_grad():
+    params = [_ddp_like(torch.randn(4, 4).bfloat16()), torch.nn.Parameter(torch.randn(4, 4).bfloat16())]
+    before = params[0].main_grad.clone()
+    assert not cpu_kernels.accumulate_into_main_grads(params, [torch.ones(4, 4).bfloat16()] * 2)
+    assert torch.equal(params[0].main_grad, before) and not params[0].grad_added_to_main_grad
+
+
+def test_padded_swiglu_accumulates_weight_grads_under_ddp():
+    generator = torch.Generator().manual_seed(6)
+    counts = [7, 0, 30]
+    padded, index = padded_layout(counts, 32)
+    x = torch.randn(sum(counts), 16, generator=generator).bfloat16().requires_grad_()
+    probs = torch.rand(sum(counts), generator=generator).requires_grad_()
+    weights = [_ddp_like((torch.randn(24, 16, generator=generator) / 4).bfloat16()) for _ in counts]
+    weights += [_ddp_like((torch.randn(16, 12, generator=generator) / 4).bfloat16()) for _ in counts]
+    before = [w.main_grad.clone() for w in weights]
+    _PaddedSwiGLU.apply(x, probs, padded, index, *weights).float().sum().backward()
+    for w, b in zip(weights, before):
+        assert w.grad_added_to_main_grad
+        assert torch.equal(w.main_grad, b + w.grad.float())  # added once; autograd's copy is left to DDP's hook
+
+
 # ----------------------------------------------------------------------------- build machinery
 def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("OLMOE_KERNEL_CACHE", str(tmp_path))
