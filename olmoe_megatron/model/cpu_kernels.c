@@ -305,3 +305,51 @@ void add_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
         add_bf16_to_f32_range(dst + start, src + start, (n - start) < chunk ? (n - start) : chunk);
     }
 }
+
+/* ------------------------------------------------------------------ AdamW with bf16 model weights
+ * One pass per parameter over its fp32 main weight, fp32 gradient and the two moments, writing the
+ * updated main weight, the moments and (where model16[t] is not NULL) the bf16 model weight. This
+ * replaces clipping (grad * grad_scale), torch's fused AdamW and Megatron's main -> model copy:
+ * three passes over the weights, one here. The update is torch's AdamW (decoupled decay):
+ *   p *= 1 - lr * wd;  m += (1 - b1) (g - m);  v = b2 v + (1 - b2) g^2;
+ *   p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+ */
+static void adamw_range(float *restrict p, const float *restrict grad, float *restrict m, float *restrict v,
+                        uint16_t *restrict p16, int64_t n, float lr, float beta1, float beta2, float eps, float decay,
+                        float step_size, float bc2_sqrt, float grad_scale) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) {
+        float g = grad[j] * grad_scale;
+        float w = p[j] * decay;
+        float mj = m[j] + (1.0f - beta1) * (g - m[j]);
+        float vj = beta2 * v[j] + (1.0f - beta2) * g * g;
+        w -= step_size * mj / (sqrtf(vj) / bc2_sqrt + eps);
+        m[j] = mj;
+        v[j] = vj;
+        p[j] = w;
+        if (p16) p16[j] = f32_to_bf16(w);
+    }
+}
+
+void adamw_bf16_step(int64_t count, float *const *main_params, float *const *grads, float *const *exp_avgs,
+                     float *const *exp_avg_sqs, uint16_t *const *model_params, const int64_t *numels, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
+                     float bias_correction2, float grad_scale) {
+    const int64_t chunk = 16384;
+    float decay = 1.0f - lr * weight_decay;
+    float step_size = lr / bias_correction1;
+    float bc2_sqrt = sqrtf(bias_correction2);
+#pragma omp parallel
+    for (int64_t t = 0; t < count; t++) {
+        int64_t n = numels[t];
+        int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp for schedule(static) nowait
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t start = c * chunk;
+            int64_t len = (n - start) < chunk ? (n - start) : chunk;
+            uint16_t *p16 = model_params[t] ? model_params[t] + start : NULL;
+            adamw_range(main_params[t] + start, grads[t] + start, exp_avgs[t] + start, exp_avg_sqs[t] + start, p16,
+                        len, lr, beta1, beta2, eps, decay, step_size, bc2_sqrt, grad_scale);
+        }
+    }
+}

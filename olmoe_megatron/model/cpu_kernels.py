@@ -52,6 +52,7 @@ _SIGNATURES = {
     "softmax_fwd_f32_bf16": (_P, _P, _I64, _I64, _I64, ctypes.c_int),
     "softmax_bwd_bf16": (_P, _P, _P, _P, _I64, _I64),
     "add_bf16_to_f32": (_P, _P, _I64),
+    "adamw_bf16_step": (_I64, _P, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _F32, _F32),
 }
 
 
@@ -277,3 +278,24 @@ def accumulate_into_main_grads(params, grads) -> bool:
         lib.add_bf16_to_f32(_ptr(param.main_grad), _ptr(grad), grad.numel())
         param.grad_added_to_main_grad = True
     return True
+
+
+# ----------------------------------------------------------------------------- AdamW
+def adamw_step(main_params, grads, exp_avgs, exp_avg_sqs, model_params, *, lr: float, beta1: float, beta2: float,
+               eps: float, weight_decay: float, step: int, grad_scale: float) -> None:
+    """torch's AdamW update of fp32 `main_params` (in place, with their moments) from `grads * grad_scale`,
+    also writing each updated weight to its bf16 entry of `model_params` (None: no model copy).
+
+    All fp32 tensors contiguous; `step` is the step count after this update (bias corrections)."""
+    count = len(main_params)
+    pointers = ctypes.c_void_p * count
+    library().adamw_bf16_step(
+        count,
+        pointers(*[_ptr(t) for t in main_params]),
+        pointers(*[_ptr(t) for t in grads]),
+        pointers(*[_ptr(t) for t in exp_avgs]),
+        pointers(*[_ptr(t) for t in exp_avg_sqs]),
+        pointers(*[_ptr(t) if t is not None else None for t in model_params]),
+        (ctypes.c_int64 * count)(*[t.numel() for t in main_params]),
+        lr, beta1, beta2, eps, weight_decay, 1.0 - beta1**step, 1.0 - beta2**step, grad_scale,
+    )

@@ -15,6 +15,7 @@ def compare_adamw_step(dtype_name: str, *, steps: int = 2) -> dict:
     from olmoe_megatron.parallel.layout import ParallelLayout
     from olmoe_megatron.recipes import get_recipe
     from olmoe_megatron.testing.equivalence import global_batch, micro_batches_for_rank
+    from olmoe_megatron.training.cpu_optimizer import fused_step_applies
     from olmoe_megatron.training.step import attach_training_hooks, build_optimizer, set_learning_rate, train_step, wrap_ddp
 
     run = get_recipe("olmoe_tiny")
@@ -38,11 +39,14 @@ def compare_adamw_step(dtype_name: str, *, steps: int = 2) -> dict:
         train_step(models, optimizer, batches, context, model_config=model, seq_length=32)
     before = [p.detach().clone() for p in params]
     state = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in inner.state[p].items()} for p in params]
-    train_step(models, optimizer, batches, context, model_config=model, seq_length=32)
+    one_pass = fused_step_applies(optimizer)
+    result = train_step(models, optimizer, batches, context, model_config=model, seq_length=32)
+    # Megatron's step clips the gradients in place; the one-pass step scales them inside the update.
+    clip = min(1.0, train.clip_grad / (result.grad_norm + 1.0e-6)) if one_pass else 1.0
 
     replay = [b.clone().requires_grad_() for b in before]
     for r, p in zip(replay, params):
-        r.grad = p.grad.detach().clone()
+        r.grad = p.grad.detach().clone() * clip
     reference = torch.optim.AdamW(replay, lr=lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
                                   weight_decay=train.weight_decay, foreach=False, fused=False)
     for r, s in zip(replay, state):
@@ -51,7 +55,14 @@ def compare_adamw_step(dtype_name: str, *, steps: int = 2) -> dict:
     reference.step()
     diffs = [float((r.detach() - p.detach()).abs().max()) for r, p in zip(replay, params)]
     moved = [float((p.detach() - b).abs().max()) for p, b in zip(params, before)]
+    sub = optimizer.chained_optimizers[0]
+    pairs = zip(getattr(sub, "float16_groups", []), getattr(sub, "fp32_from_float16_groups", []))
+    model_copy_exact = all(torch.equal(model_p, main_p.to(model_p.dtype))
+                           for model_group, main_group in pairs for model_p, main_p in zip(model_group, main_group))
     return {
+        "one_pass": one_pass,
+        "clipped": clip < 1.0,
+        "model_copy_exact": model_copy_exact,
         "fused": sorted({bool(g.get("fused")) for g in inner.param_groups}),
         "decay": sorted({g["weight_decay"] for g in inner.param_groups}),
         "num_params": len(params),

@@ -22,6 +22,7 @@ from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.precision import PrecisionConfig
 from olmoe_megatron.parallel.context import ParallelContext
 from olmoe_megatron.training.config import TrainConfig
+from olmoe_megatron.training.cpu_optimizer import optimizer_step
 from olmoe_megatron.training.moe_metrics import ExpertLoadCounter, reduce_router_losses
 
 
@@ -214,7 +215,7 @@ def train_step(
         return StepResult(lm_loss=lm_loss, lb_loss=router["lb_loss"], z_loss=router["z_loss"],
                           grad_norm=float("nan"), updated=False, num_microbatches=len(micro_batches),
                           expert_load=load)
-    updated, grad_norm, _ = optimizer.step()
+    updated, grad_norm, _ = optimizer_step(optimizer)
     return StepResult(
         lm_loss=lm_loss,
         lb_loss=router["lb_loss"],

@@ -1,4 +1,5 @@
-"""Megatron's optimizer as built here is OLMoE's AdamW, on torch's fused CPU kernel."""
+"""Megatron's optimizer as built here is OLMoE's AdamW: on torch's fused CPU kernel in fp32, in one
+pass with the clip and the bf16 model copy in bf16 (training/cpu_optimizer.py)."""
 
 import pytest
 
@@ -18,3 +19,9 @@ def test_fused_step_equals_reference_adamw(results, dtype):
     assert r["decay"] == [0.1]  # every parameter decays, norms and embeddings included
     assert r["min_moved"] > 0  # every parameter was updated
     assert r["max_diff"] <= 1e-6 * r["max_param"], r
+    assert r["one_pass"] == (dtype == "bf16")
+    assert r["model_copy_exact"]  # the bf16 model weights are the updated main weights, rounded
+
+
+def test_reference_step_was_clipped(results):
+    assert results["bf16"]["clipped"]  # the replay checks the clip factor too
