@@ -353,3 +353,64 @@ void adamw_bf16_step(int64_t count, float *const *main_params, float *const *gra
         }
     }
 }
+
+/* ------------------------------------------------------------------ rotary position embedding
+ * Megatron's unfused RoPE on bf16 [s, rows, d] (rows = batch * heads, rotate-half layout), with the
+ * same bf16 roundings: with c, s the bf16 cos/sin tables of each position and h = d / 2,
+ *   y[j]   = bf16(bf16(x[j] c[j]) - bf16(x[j+h] s[j]))
+ *   y[j+h] = bf16(bf16(x[j+h] c[j+h]) + bf16(x[j] s[j+h]))
+ * Backward (the transpose): dx[j] = bf16(bf16(dy[j] c[j]) + bf16(dy[j+h] s[j+h])),
+ *                           dx[j+h] = bf16(bf16(dy[j+h] c[j+h]) - bf16(dy[j] s[j])).
+ */
+static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+static void rope_row(const uint16_t *restrict x, const uint16_t *restrict c, const uint16_t *restrict s,
+                     uint16_t *restrict y, int64_t half, int backward) {
+    float sign = backward ? -1.0f : 1.0f;
+#pragma omp simd
+    for (int64_t j = 0; j < half; j++) {
+        float x1 = bf16_to_f32(x[j]), x2 = bf16_to_f32(x[j + half]);
+        float c1 = bf16_to_f32(c[j]), c2 = bf16_to_f32(c[j + half]);
+        float s1 = bf16_to_f32(s[j]), s2 = bf16_to_f32(s[j + half]);
+        /* forward: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2; backward: dx1 = d1 c1 + d2 s2, dx2 = d2 c2 - d1 s1 */
+        float a1 = backward ? round_bf16(x2 * s2) : round_bf16(x2 * s1);
+        float a2 = backward ? round_bf16(x1 * s1) : round_bf16(x1 * s2);
+        y[j] = f32_to_bf16(round_bf16(x1 * c1) - sign * a1);
+        y[j + half] = f32_to_bf16(round_bf16(x2 * c2) + sign * a2);
+    }
+}
+
+void rope_bf16(const uint16_t *x, const uint16_t *cos_table, const uint16_t *sin_table, uint16_t *y, int64_t seq,
+               int64_t rows, int64_t dim, int backward) {
+    int64_t total = seq * rows;
+#pragma omp parallel for schedule(static) if (total * dim >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < total; r++) {
+        int64_t pos = r / rows;
+        rope_row(x + r * dim, cos_table + pos * dim, sin_table + pos * dim, y + r * dim, dim / 2, backward);
+    }
+}
+
+/* ------------------------------------------------------------------ router top-k
+ * mask[i, j] = 1 for the k largest scores of row i (ties: the lower expert index first; NaN counts as
+ * the largest value, as torch.topk orders it).
+ */
+void topk_mask_f32(const float *scores, uint8_t *mask, int64_t rows, int64_t width, int64_t k) {
+#pragma omp parallel for schedule(static) if (rows * width >= 4 * PARALLEL_MIN_ELEMENTS)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *row = scores + i * width;
+        uint8_t *out = mask + i * width;
+        memset(out, 0, (size_t)width);
+        for (int64_t chosen = 0; chosen < k && chosen < width; chosen++) {
+            int64_t best = -1;
+            for (int64_t j = 0; j < width; j++) {
+                if (out[j]) continue;
+                float v = row[j];
+                if (best < 0) { best = j; continue; }
+                float b = row[best];
+                int v_nan = v != v, b_nan = b != b;
+                if ((v_nan && !b_nan) || (!b_nan && v > b)) best = j;
+            }
+            out[best] = 1;
+        }
+    }
+}

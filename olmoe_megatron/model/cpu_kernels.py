@@ -52,6 +52,8 @@ _SIGNATURES = {
     "softmax_fwd_f32_bf16": (_P, _P, _I64, _I64, _I64, ctypes.c_int),
     "softmax_bwd_bf16": (_P, _P, _P, _P, _I64, _I64),
     "add_bf16_to_f32": (_P, _P, _I64),
+    "topk_mask_f32": (_P, _P, _I64, _I64, _I64),
+    "rope_bf16": (_P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int),
     "adamw_bf16_step": (_I64, _P, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _F32, _F32),
 }
 
@@ -299,3 +301,40 @@ def adamw_step(main_params, grads, exp_avgs, exp_avg_sqs, model_params, *, lr: f
         (ctypes.c_int64 * count)(*[t.numel() for t in main_params]),
         lr, beta1, beta2, eps, weight_decay, 1.0 - beta1**step, 1.0 - beta2**step, grad_scale,
     )
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+def _rope(x: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor, backward: bool) -> torch.Tensor:
+    seq, dim = x.shape[0], x.shape[-1]
+    y = torch.empty_like(x)
+    library().rope_bf16(_ptr(x), _ptr(cos_SD), _ptr(sin_SD), _ptr(y), seq, x.numel() // (seq * dim), dim, int(backward))
+    return y
+
+
+class _RopeBF16(torch.autograd.Function):
+    """Megatron's unfused rotate-half RoPE on bf16 [s, ..., d] with bf16 cos/sin tables [s, d]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos_SD, sin_SD)
+        return _rope(x, cos_SD, sin_SD, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        cos_SD, sin_SD = ctx.saved_tensors
+        return _rope(grad_y.to(torch.bfloat16).contiguous(), cos_SD, sin_SD, backward=True), None, None
+
+
+def rope_bf16(x: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    """RoPE of contiguous bf16 `x` [s, ..., d] (rotate-half layout, the whole head dim rotated)."""
+    return _RopeBF16.apply(x, cos_SD.contiguous(), sin_SD.contiguous())
+
+
+# ----------------------------------------------------------------------------- router top-k
+def topk_mask(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean [T, E]: each row's k largest fp32 scores (ties to the lower index; NaN counts as largest)."""
+    scores_TE = scores_TE.contiguous()
+    mask_TE = torch.empty(scores_TE.shape, dtype=torch.bool)
+    rows, width = scores_TE.shape
+    library().topk_mask_f32(_ptr(scores_TE), _ptr(mask_TE), rows, width, k)
+    return mask_TE

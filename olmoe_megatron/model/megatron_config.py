@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.precision import PrecisionConfig, megatron_fp8_fields
+from olmoe_megatron.model.rope import install_cpu_rope
 from olmoe_megatron.parallel.layout import ParallelLayout
 
 
@@ -102,7 +103,9 @@ def to_transformer_config(
         fp16=False,
         # Fusions need CUDA kernels (TE, apex or megatron's own); off where they are absent.
         gradient_accumulation_fusion=on_gpu and use_te,
-        apply_rope_fusion=on_gpu and use_te,
+        # On CPU, Megatron's fused-RoPE slot holds our kernel (model/rope.py), bit-identical to the
+        # unfused code in fp32 and with the same bf16 roundings.
+        apply_rope_fusion=(on_gpu and use_te) or (not on_gpu and install_cpu_rope()),
         masked_softmax_fusion=False,
         bias_activation_fusion=on_gpu and use_te,
         bias_dropout_fusion=on_gpu,

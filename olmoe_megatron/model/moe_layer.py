@@ -1,4 +1,5 @@
-"""Megatron's MoELayer with one redundant permutation skipped.
+"""Megatron's MoELayer with one redundant permutation skipped and, in bf16 on CPU, top-k routing
+computed once.
 
 Megatron's all-to-all dispatcher receives, after its all-to-all, one chunk of tokens per
 (source rank, local expert) and sorts those chunks by local expert ("permutation 2"); after the
@@ -7,13 +8,25 @@ rank, the chunks already arrive in expert order, and both sorts are the identity
 split into `num_local_experts` pieces and a concatenation, forward and backward (about 2% of an
 olmoe_small step on 2 CPU cores). `AlltoAllTokenDispatcher` skips them exactly then; every other
 layout runs Megatron's code unchanged.
+
+Megatron's TopKRouter computes the softmax and the top-k twice per layer, once for routing and once
+for the load-balancing loss (`compute_routing_scores_for_aux_loss`), and builds the probabilities
+and the routing map by scattering into zero tensors. With OLMoE's router (softmax before top-k, no
+groups, scaling, bias, capacity or jitter) both are the same top-k of the same scores:
+`route_once` computes them once (the mask from the C kernel) and reuses Megatron's gating, z-loss
+and load-balancing code, so every value is Megatron's. Gradients reach the logits through one
+softmax instead of two, a different order of fp32 sums: so fp32 runs, whose losses are pinned bit
+for bit, keep Megatron's router, and bf16 CPU runs take this one.
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+from olmoe_megatron.model import cpu_kernels
 
 
 class AlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
@@ -46,8 +59,48 @@ class AlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return hidden_states
 
 
+def route_once_applies(router, hidden_states: torch.Tensor) -> bool:
+    """OLMoE's router in a bf16 run on CPU, with the kernels built."""
+    config = router.config
+    return (
+        type(router) is TopKRouter
+        and config.bf16
+        and hidden_states.device.type == "cpu"
+        and router.routing_type != "sinkhorn"
+        and router.score_function == "softmax"
+        and config.moe_router_pre_softmax
+        and config.moe_router_num_groups is None
+        and config.moe_router_topk_scaling_factor is None
+        and router.expert_bias is None
+        and getattr(router, "router_replay", None) is None
+        and not config.moe_router_fusion
+        and config.moe_expert_capacity_factor is None
+        and not config.moe_router_force_load_balancing
+        and config.moe_input_jitter_eps is None
+        and cpu_kernels.available()
+    )
+
+
+def route_once(router: TopKRouter, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopKRouter.forward for OLMoE's router, the softmax and top-k computed once (see module doc)."""
+    logits = router.gating(hidden_states)
+    seq_length, bsz = logits.shape[:2]
+    logits_TE = router.apply_z_loss(logits.view(-1, router.config.num_moe_experts))
+    scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    with torch.no_grad():
+        routing_map_TE = cpu_kernels.topk_mask(scores_TE, router.topk)
+    # Megatron scatters the top-k values into zeros: the same numbers, gradients masked the same way.
+    probs_TE = (scores_TE * routing_map_TE).type_as(logits_TE)
+    if router.training and torch.is_grad_enabled() and router.is_aux_loss_enabled():
+        probs_TE = router._apply_aux_loss(probs_TE, scores_TE, routing_map_TE)
+        probs_TE = router._apply_seq_aux_loss(probs_TE, scores_TE, routing_map_TE, seq_length, bsz)
+        probs_TE = router._apply_global_aux_loss(probs_TE, scores_TE, routing_map_TE)
+    return probs_TE, routing_map_TE
+
+
 class OlmoeMoELayer(MoELayer):
-    """MoELayer whose all-to-all dispatcher is `AlltoAllTokenDispatcher`."""
+    """MoELayer whose all-to-all dispatcher is `AlltoAllTokenDispatcher` and whose bf16 CPU routing
+    is `route_once`."""
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         if pg_collection is None:
@@ -59,3 +112,8 @@ class OlmoeMoELayer(MoELayer):
             )
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
+
+    def route(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        if padding_mask is None and route_once_applies(self.router, hidden_states):
+            return route_once(self.router, hidden_states)
+        return super().route(hidden_states, padding_mask)

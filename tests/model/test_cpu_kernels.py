@@ -234,6 +234,39 @@ def test_padded_swiglu_accumulates_weight_grads_under_ddp():
         assert torch.equal(w.main_grad, b + w.grad.float())  # added once; autograd's copy is left to DDP's hook
 
 
+def _rope_run(fn, t0, freqs, grad):
+    t = t0.clone().requires_grad_()
+    y = fn(t, freqs)
+    y.backward(grad)
+    return y.detach(), t.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_equals_megatron_unfused_bit_for_bit(dtype):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from olmoe_megatron.model.rope import cpu_fused_apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(7)
+    t0 = torch.randn(19, 2, 3, 16, generator=generator).to(dtype)
+    freqs = torch.rand(19, 1, 1, 16, generator=generator) * 40
+    grad = torch.randn(19, 2, 3, 16, generator=generator).to(dtype)
+    ours = _rope_run(cpu_fused_apply_rotary_pos_emb, t0, freqs, grad)
+    reference = _rope_run(_apply_rotary_pos_emb_bshd, t0, freqs, grad)
+    assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
+    kernel_ran = type(cpu_fused_apply_rotary_pos_emb(t0.clone().requires_grad_(), freqs).grad_fn).__name__ == "_RopeBF16Backward"
+    assert kernel_ran == (dtype == torch.bfloat16)
+
+
+def test_rope_hook_is_installed_for_cpu_configs():
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from olmoe_megatron.model.rope import cpu_fused_apply_rotary_pos_emb, install_cpu_rope
+
+    assert install_cpu_rope() and install_cpu_rope()  # idempotent
+    assert rope_utils.fused_apply_rotary_pos_emb is cpu_fused_apply_rotary_pos_emb
+
+
 # ----------------------------------------------------------------------------- build machinery
 def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("OLMOE_KERNEL_CACHE", str(tmp_path))

@@ -29,7 +29,7 @@ def test_olmoe_1b_7b_maps_field_by_field():
         "params_dtype": torch.bfloat16, "pipeline_dtype": torch.bfloat16, "bf16": True, "fp16": False,
         "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "expert_model_parallel_size": 8,
         "expert_tensor_parallel_size": 2, "context_parallel_size": 1, "sequence_parallel": True,
-        "gradient_accumulation_fusion": False, "apply_rope_fusion": False, "masked_softmax_fusion": False,
+        "gradient_accumulation_fusion": False, "apply_rope_fusion": True, "masked_softmax_fusion": False,
         "bias_activation_fusion": False, "persist_layer_norm": False, "cross_entropy_loss_fusion": False,
         "use_cpu_initialization": True, "batch_p2p_comm": True, "recompute_granularity": None,
     }

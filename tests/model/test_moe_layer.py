@@ -1,15 +1,28 @@
 """The MoE layer's dispatcher skips Megatron's sort by local expert only where it is the identity,
-and skipping it changes nothing: outputs and every gradient are bit-identical."""
+and skipping it changes nothing: outputs and every gradient are bit-identical. The bf16 CPU router
+(`route_once`) gives Megatron's probabilities, routing map and router losses exactly."""
 
 import pytest
 
 from olmoe_megatron.testing.distributed import run_on_one_rank
-from olmoe_megatron.testing.moe_layer_check import compare_dispatch_sort_skip
+from olmoe_megatron.model import cpu_kernels
+from olmoe_megatron.testing.moe_layer_check import compare_dispatch_sort_skip, compare_route_once
 
 
 @pytest.fixture(scope="module")
 def results():
     return run_on_one_rank(compare_dispatch_sort_skip, {dtype: {"dtype_name": dtype} for dtype in ("fp32", "bf16")})
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler here: the CPU kernels are not built")
+def test_route_once_is_megatrons_router():
+    r = run_on_one_rank(compare_route_once, {"bf16": {}})["bf16"]
+    assert r["applies"]
+    assert r["probs_equal"] and r["map_equal"]
+    assert r["loss_names"] == ["load_balancing_loss", "z_loss"] and r["losses_equal"]
+    # One softmax backward instead of two: fp32 sums in another order.
+    assert r["max_weight_grad_diff"] <= 1e-5 * r["max_weight_grad"]
+    assert r["max_input_grad_diff"] <= 2 ** -7 * r["max_input_grad"]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
