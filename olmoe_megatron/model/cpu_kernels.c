@@ -414,3 +414,56 @@ void topk_mask_f32(const float *scores, uint8_t *mask, int64_t rows, int64_t wid
         }
     }
 }
+
+/* ------------------------------------------------------------------ gradient norm
+ * Sum of squares of fp32 tensors, accumulated in double (per thread, then over threads).
+ */
+double sum_squares_f32(int64_t count, float *const *tensors, const int64_t *numels) {
+    const int64_t chunk = 16384;
+    double total = 0.0;
+#pragma omp parallel reduction(+ : total)
+    for (int64_t t = 0; t < count; t++) {
+        int64_t n = numels[t];
+        int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp for schedule(static) nowait
+        for (int64_t c = 0; c < chunks; c++) {
+            const float *x = tensors[t] + c * chunk;
+            int64_t len = (n - c * chunk) < chunk ? (n - c * chunk) : chunk;
+            float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+            for (int64_t j = 0; j < len; j++) part += x[j] * x[j];
+            total += (double)part;
+        }
+    }
+    return total;
+}
+
+/* ------------------------------------------------------------------ expert row padding
+ * Tokens arrive grouped by expert; expert e's `counts[e]` rows go to the start of its `padded[e]`
+ * rows and the rest are zeroed (only those: the real rows are written once). `unpad` is the
+ * inverse gather (padded rows -> the tokens' rows).
+ */
+void pad_rows(const uint8_t *src, uint8_t *dst, const int64_t *counts, const int64_t *padded, int64_t experts,
+              int64_t row_bytes, int unpad) {
+    int64_t *src_start = malloc((size_t)experts * sizeof(int64_t));
+    int64_t *dst_start = malloc((size_t)experts * sizeof(int64_t));
+    int64_t s = 0, d = 0;
+    for (int64_t e = 0; e < experts; e++) {
+        src_start[e] = s;
+        dst_start[e] = d;
+        s += counts[e];
+        d += padded[e];
+    }
+#pragma omp parallel for schedule(dynamic, 1) if (d * row_bytes >= 8 * PARALLEL_MIN_ELEMENTS)
+    for (int64_t e = 0; e < experts; e++) {
+        size_t real = (size_t)(counts[e] * row_bytes);
+        if (unpad) {
+            memcpy(dst + src_start[e] * row_bytes, src + dst_start[e] * row_bytes, real);
+        } else {
+            memcpy(dst + dst_start[e] * row_bytes, src + src_start[e] * row_bytes, real);
+            memset(dst + (dst_start[e] + counts[e]) * row_bytes, 0, (size_t)((padded[e] - counts[e]) * row_bytes));
+        }
+    }
+    free(src_start);
+    free(dst_start);
+}

@@ -53,6 +53,7 @@ _SIGNATURES = {
     "softmax_bwd_bf16": (_P, _P, _P, _P, _I64, _I64),
     "add_bf16_to_f32": (_P, _P, _I64),
     "topk_mask_f32": (_P, _P, _I64, _I64, _I64),
+    "pad_rows": (_P, _P, _P, _P, _I64, _I64, ctypes.c_int),
     "rope_bf16": (_P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int),
     "adamw_bf16_step": (_I64, _P, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _F32, _F32),
 }
@@ -110,6 +111,8 @@ def _load():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = None
+    lib.sum_squares_f32.argtypes = (_I64, _P, _P)
+    lib.sum_squares_f32.restype = ctypes.c_double
     return lib
 
 
@@ -338,3 +341,38 @@ def topk_mask(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     rows, width = scores_TE.shape
     library().topk_mask_f32(_ptr(scores_TE), _ptr(mask_TE), rows, width, k)
     return mask_TE
+
+
+# ----------------------------------------------------------------------------- gradient norm
+def sum_of_squares(tensors) -> float:
+    """sum(t ** 2) over contiguous fp32 CPU tensors, accumulated in double."""
+    count = len(tensors)
+    if count == 0:
+        return 0.0
+    return library().sum_squares_f32(
+        count, (ctypes.c_void_p * count)(*[_ptr(t) for t in tensors]), (ctypes.c_int64 * count)(*[t.numel() for t in tensors]))
+
+
+# ----------------------------------------------------------------------------- expert row padding
+def pad_rows(rows_TX: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
+    """Rows grouped by expert ([T, ...], `counts[e]` each) into `padded[e]` rows per expert, the extra
+    rows zero: `experts._scatter_rows` for the contiguous layout, each row written once."""
+    rows_TX = rows_TX.contiguous()
+    out = rows_TX.new_empty((sum(padded), *rows_TX.shape[1:]))
+    _pad_call(rows_TX, out, counts, padded, unpad=False)
+    return out
+
+
+def unpad_rows(rows_PX: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
+    """The inverse of `pad_rows`: each expert's first `counts[e]` rows."""
+    rows_PX = rows_PX.contiguous()
+    out = rows_PX.new_empty((sum(counts), *rows_PX.shape[1:]))
+    _pad_call(rows_PX, out, counts, padded, unpad=True)
+    return out
+
+
+def _pad_call(src: torch.Tensor, dst: torch.Tensor, counts: list[int], padded: list[int], *, unpad: bool) -> None:
+    experts = len(counts)
+    row_bytes = src[0].numel() * src.element_size() if src.shape[0] else 0
+    library().pad_rows(_ptr(src), _ptr(dst), (ctypes.c_int64 * experts)(*counts), (ctypes.c_int64 * experts)(*padded),
+                       experts, row_bytes, int(unpad))

@@ -64,6 +64,23 @@ def _scatter_rows(rows_TX: torch.Tensor, index_T: torch.Tensor, total: int) -> t
     return out
 
 
+def _pad(rows_TX: torch.Tensor, index_T: torch.Tensor, padded: list[int], counts: list[int] | None) -> torch.Tensor:
+    """Token rows (grouped by expert) into the padded rows; pad rows are zero."""
+    if sum(padded) == rows_TX.shape[0]:
+        return rows_TX.contiguous()
+    if counts is not None and rows_TX.device.type == "cpu" and cpu_kernels.available():
+        return cpu_kernels.pad_rows(rows_TX, counts, padded)  # each row written once
+    return _scatter_rows(rows_TX, index_T, sum(padded))
+
+
+def _unpad(rows_PX: torch.Tensor, index_T: torch.Tensor, padded: list[int], counts: list[int] | None) -> torch.Tensor:
+    if rows_PX.shape[0] == index_T.shape[0]:
+        return rows_PX
+    if counts is not None and rows_PX.device.type == "cpu" and cpu_kernels.available():
+        return cpu_kernels.unpad_rows(rows_PX, counts, padded)
+    return rows_PX.index_select(0, index_T)
+
+
 def _expert_gemms(inputs_PI: torch.Tensor, weights, padded: list[int]) -> torch.Tensor:
     """out[rows of e] = inputs[rows of e] @ W_e^T, written into one [P, O] buffer."""
     out_PO = inputs_PI.new_empty((inputs_PI.shape[0], weights[0].shape[0]))
@@ -95,11 +112,10 @@ class _PaddedSwiGLU(torch.autograd.Function):
     """y = sum_e [(silu(x W1g_e^T) * (x W1u_e^T)) * p] W2_e^T over each expert's rows, padded."""
 
     @staticmethod
-    def forward(ctx, hidden_TH, probs_T, padded, index_T, *weights):
+    def forward(ctx, hidden_TH, probs_T, padded, index_T, counts, *weights):
         num_experts = len(padded)
-        total = sum(padded)
-        hidden_PH = _scatter_rows(hidden_TH, index_T, total)
-        probs_P = _scatter_rows(probs_T, index_T, total)
+        hidden_PH = _pad(hidden_TH, index_T, padded, counts)
+        probs_P = _pad(probs_T, index_T, padded, counts)
         fc1_out_P2F = _expert_gemms(hidden_PH, weights[:num_experts], padded)
         ctx.fused = probs_P.dtype == torch.float32 and probs_P.is_contiguous() and cpu_kernels.applies(fc1_out_P2F)
         if ctx.fused:  # one pass; act is recomputed in backward
@@ -111,16 +127,16 @@ class _PaddedSwiGLU(torch.autograd.Function):
             scaled_PF = (act_PF * probs_P.unsqueeze(-1)).to(act_PF.dtype)
         out_PH = _expert_gemms(scaled_PF, weights[num_experts:], padded)
         ctx.save_for_backward(hidden_PH, probs_P, fc1_out_P2F, act_PF, scaled_PF, index_T, *weights)
-        ctx.padded = padded
+        ctx.padded, ctx.counts = padded, counts
         ctx.probs_dtype = probs_T.dtype
-        return out_PH.index_select(0, index_T) if total != hidden_TH.shape[0] else out_PH
+        return _unpad(out_PH, index_T, padded, counts)
 
     @staticmethod
     def backward(ctx, grad_out_TH):
         hidden_PH, probs_P, fc1_out_P2F, act_PF, scaled_PF, index_T, *weights = ctx.saved_tensors
         padded = ctx.padded
         num_experts = len(padded)
-        grad_out_PH = _scatter_rows(grad_out_TH.to(hidden_PH.dtype), index_T, sum(padded))
+        grad_out_PH = _pad(grad_out_TH.to(hidden_PH.dtype), index_T, padded, ctx.counts)
         grad_scaled_PF, grad_fc2 = _expert_gemms_backward(grad_out_PH, scaled_PF, weights[num_experts:], padded)
         if ctx.fused:
             grad_fc1_out_P2F, grad_probs_P = cpu_kernels.swiglu_probs_backward(grad_scaled_PF, fc1_out_P2F, probs_P)
@@ -128,14 +144,13 @@ class _PaddedSwiGLU(torch.autograd.Function):
             grad_fc1_out_P2F, grad_probs_P = _swiglu_probs_backward(grad_scaled_PF, fc1_out_P2F, act_PF, probs_P)
 
         grad_hidden_PH, grad_fc1 = _expert_gemms_backward(grad_fc1_out_P2F, hidden_PH, weights[:num_experts], padded)
-        if grad_hidden_PH.shape[0] != grad_out_TH.shape[0]:
-            grad_hidden_PH, grad_probs_P = grad_hidden_PH.index_select(0, index_T), grad_probs_P.index_select(0, index_T)
-        grad_hidden_TH, grad_probs_T = grad_hidden_PH, grad_probs_P.to(ctx.probs_dtype)
+        grad_hidden_TH = _unpad(grad_hidden_PH, index_T, padded, ctx.counts)
+        grad_probs_T = _unpad(grad_probs_P, index_T, padded, ctx.counts).to(ctx.probs_dtype)
         # Under Megatron DDP in bf16, the weight gradients go straight into the fp32 main_grad
         # buffer; autograd still receives them (DDP's hook then sees grad_added_to_main_grad).
         if ctx.fused:
             cpu_kernels.accumulate_into_main_grads(weights, [*grad_fc1, *grad_fc2])
-        return (grad_hidden_TH, grad_probs_T, None, None, *grad_fc1, *grad_fc2)
+        return (grad_hidden_TH, grad_probs_T, None, None, None, *grad_fc1, *grad_fc2)
 
 
 def _swiglu_probs_backward(grad_scaled_PF, fc1_out_P2F, act_PF, probs_P):
@@ -178,9 +193,10 @@ class GroupedSwiGLUExperts(SequentialMLP):
         experts = self.local_experts
         if hidden_TH.device.type == "cpu":
             counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
-            padded, index_T = padded_layout([int(c) for c in counts], cpu_row_align(hidden_TH.dtype))
+            counts = [int(c) for c in counts]
+            padded, index_T = padded_layout(counts, cpu_row_align(hidden_TH.dtype))
             weights = [e.linear_fc1.weight for e in experts] + [e.linear_fc2.weight for e in experts]
-            return _PaddedSwiGLU.apply(hidden_TH, probs_T, padded, index_T, *weights), None
+            return _PaddedSwiGLU.apply(hidden_TH, probs_T, padded, index_T, counts, *weights), None
         # [E, 2F, H] and [E, H, F]: the nn.Linear layouts; grouped_mm takes their transposes.
         fc1_EFH = torch.stack([e.linear_fc1.weight for e in experts])
         fc2_EHF = torch.stack([e.linear_fc2.weight for e in experts])

@@ -15,7 +15,7 @@ def compare_adamw_step(dtype_name: str, *, steps: int = 2) -> dict:
     from olmoe_megatron.parallel.layout import ParallelLayout
     from olmoe_megatron.recipes import get_recipe
     from olmoe_megatron.testing.equivalence import global_batch, micro_batches_for_rank
-    from olmoe_megatron.training.cpu_optimizer import fused_step_applies
+    from olmoe_megatron.training.cpu_optimizer import fused_step_applies, grad_norm
     from olmoe_megatron.training.step import attach_training_hooks, build_optimizer, set_learning_rate, train_step, wrap_ddp
 
     run = get_recipe("olmoe_tiny")
@@ -41,6 +41,7 @@ def compare_adamw_step(dtype_name: str, *, steps: int = 2) -> dict:
     state = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in inner.state[p].items()} for p in params]
     one_pass = fused_step_applies(optimizer)
     result = train_step(models, optimizer, batches, context, model_config=model, seq_length=32)
+    megatron_norm, our_norm = optimizer.get_grad_norm(), grad_norm(optimizer)  # on the step's main grads
     # Megatron's step clips the gradients in place; the one-pass step scales them inside the update.
     clip = min(1.0, train.clip_grad / (result.grad_norm + 1.0e-6)) if one_pass else 1.0
 
@@ -61,6 +62,7 @@ def compare_adamw_step(dtype_name: str, *, steps: int = 2) -> dict:
                            for model_group, main_group in pairs for model_p, main_p in zip(model_group, main_group))
     return {
         "one_pass": one_pass,
+        "norm_rel_diff": abs(megatron_norm - our_norm) / megatron_norm,
         "clipped": clip < 1.0,
         "model_copy_exact": model_copy_exact,
         "fused": sorted({bool(g.get("fused")) for g in inner.param_groups}),

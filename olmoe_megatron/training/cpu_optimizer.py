@@ -7,7 +7,9 @@ into its bf16 model weight. On a CPU these passes are memory-bound and each cost
 the update itself (olmoe_small: ~2.4 + 6.2 + 2.9 ms of a ~165 ms step). `optimizer_step` keeps
 Megatron's gradient preparation and norm, then runs `cpu_kernels.adamw_step`: clip factor, AdamW
 and the bf16 copy in one pass, on the same optimizer state tensors (`step`, `exp_avg`,
-`exp_avg_sq`), so checkpoints and a later Megatron step see exactly torch's state layout.
+`exp_avg_sq`), so checkpoints and a later Megatron step see exactly torch's state layout. The
+gradient norm is Megatron's (the same gradients, the same all-reduce over each optimizer's grad-stats
+group) with the sum of squares in one C pass instead of a norm per tensor (~2.8 -> ~1.3 ms).
 
 It applies where every sub-optimizer is Megatron's `Float16OptimizerWithFloat16Params` (mixed
 precision without the distributed optimizer, no loss scaler) over torch's AdamW in its default form,
@@ -17,7 +19,10 @@ Megatron's `step` unchanged.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16OptimizerWithFloat16Params
 
 from olmoe_megatron.model import cpu_kernels
@@ -84,6 +89,25 @@ def _adamw_one_pass(sub: Float16OptimizerWithFloat16Params, grad_scale: float) -
             )
 
 
+def _norm_fp32(grads: list[torch.Tensor], group) -> float:
+    """megatron.core.optimizer.clip_grads.get_grad_norm_fp32 (L2, no DTensors) with one C pass."""
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    total = torch.tensor([cpu_kernels.sum_of_squares(grads)], dtype=torch.float32)
+    dist.all_reduce(total, group=group)
+    return total.item() ** 0.5
+
+
+def grad_norm(optimizer) -> float:
+    """Megatron's ChainedOptimizer.get_grad_norm / MegatronOptimizer.get_grad_norm, same groups."""
+    subs = _sub_optimizers(optimizer)
+    if len(subs) == 1:
+        return _norm_fp32(subs[0].get_main_grads_for_grad_norm(), subs[0].get_grad_stats_parallel_group())
+    if optimizer.grads_states_parallel_group_is_shared():
+        grads = [g for sub in subs for g in sub.get_main_grads_for_grad_norm()]
+        return _norm_fp32(grads, optimizer.get_grad_stats_parallel_group())
+    return math.sqrt(sum(_norm_fp32(s.get_main_grads_for_grad_norm(), s.get_grad_stats_parallel_group()) ** 2 for s in subs))
+
+
 @torch.no_grad()
 def optimizer_step(optimizer) -> tuple[bool, float | None, int | None]:
     """`optimizer.step()`'s contract: (updated, grad norm, zeros in grads)."""
@@ -91,13 +115,13 @@ def optimizer_step(optimizer) -> tuple[bool, float | None, int | None]:
         return optimizer.step()
     if optimizer.prepare_grads():  # found inf/nan (loss-scaled runs only)
         return False, None, None
-    grad_norm = optimizer.get_grad_norm()
+    norm = grad_norm(optimizer)
     grad_scale = 1.0
     max_norm = _sub_optimizers(optimizer)[0].config.clip_grad
     if max_norm > 0.0:
         # Megatron's clip_grad_by_total_norm_fp32: scale only when the factor is below 1.
-        clip_coeff = max_norm / (grad_norm + 1.0e-6)
+        clip_coeff = max_norm / (norm + 1.0e-6)
         grad_scale = min(clip_coeff, 1.0)
     for sub in _sub_optimizers(optimizer):
         _adamw_one_pass(sub, grad_scale)
-    return True, grad_norm, None
+    return True, norm, None

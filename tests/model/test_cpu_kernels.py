@@ -160,7 +160,7 @@ def test_padded_swiglu_with_and_without_kernels(monkeypatch):
     def run():
         x, probs = x0.clone().requires_grad_(), probs0.clone().requires_grad_()
         weights = [w.clone().requires_grad_() for w in weights0]
-        out = _PaddedSwiGLU.apply(x, probs, padded, index, *weights)
+        out = _PaddedSwiGLU.apply(x, probs, padded, index, counts, *weights)
         out.float().square().sum().backward()
         return [out.detach(), x.grad, probs.grad, *[w.grad for w in weights if w.grad is not None]]
 
@@ -193,6 +193,18 @@ def test_attention_softmax_keeps_nan_in_its_row():
     scores[0, 2, 1] = float("nan")
     probs = cpu_kernels.attention_softmax_forward(scores, causal=True)
     assert torch.isnan(probs[0, 2, :3]).all() and torch.isfinite(probs[0, [0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("shape", [(16,), (16, 24)])
+def test_pad_rows_equals_scatter_and_gather(shape):
+    from olmoe_megatron.model.experts import _scatter_rows
+
+    counts = [5, 0, 37, 64, 1]
+    padded, index = padded_layout(counts, 32)
+    rows = torch.randn(sum(counts), *shape[1:]).bfloat16() if len(shape) > 1 else torch.rand(sum(counts))
+    padded_rows = cpu_kernels.pad_rows(rows, counts, padded)
+    assert torch.equal(padded_rows, _scatter_rows(rows, index, sum(padded)))  # pad rows zero
+    assert torch.equal(cpu_kernels.unpad_rows(padded_rows, counts, padded), rows)
 
 
 def _ddp_like(weight):
@@ -228,7 +240,7 @@ def test_padded_swiglu_accumulates_weight_grads_under_ddp():
     weights = [_ddp_like((torch.randn(24, 16, generator=generator) / 4).bfloat16()) for _ in counts]
     weights += [_ddp_like((torch.randn(16, 12, generator=generator) / 4).bfloat16()) for _ in counts]
     before = [w.main_grad.clone() for w in weights]
-    _PaddedSwiGLU.apply(x, probs, padded, index, *weights).float().sum().backward()
+    _PaddedSwiGLU.apply(x, probs, padded, index, counts, *weights).float().sum().backward()
     for w, b in zip(weights, before):
         assert w.grad_added_to_main_grad
         assert torch.equal(w.main_grad, b + w.grad.float())  # added once; autograd's copy is left to DDP's hook

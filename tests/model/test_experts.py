@@ -62,7 +62,7 @@ def test_expert_gemms_use_aligned_row_counts(monkeypatch):
     x = torch.randn(sum(counts), 16, requires_grad=True)
     probs = torch.rand(sum(counts), requires_grad=True)
     weights = [torch.randn(20, 16, requires_grad=True) for _ in counts] + [torch.randn(16, 10, requires_grad=True) for _ in counts]
-    _PaddedSwiGLU.apply(x, probs, padded, index, *weights).sum().backward()
+    _PaddedSwiGLU.apply(x, probs, padded, index, counts, *weights).sum().backward()
     rows = {dim for a, b in seen for dim in (*a, *b) if dim not in (16, 20, 10)}
     assert CPU_ROW_ALIGN >= 16  # a bounded set of shapes needs real alignment
     assert seen and rows and all(r % CPU_ROW_ALIGN == 0 for r in rows), rows
@@ -84,7 +84,7 @@ def test_unpadded_path_equals_padded():
     results = []
     for align in (1, CPU_ROW_ALIGN):
         padded, index = padded_layout(counts, align)
-        out = _PaddedSwiGLU.apply(x, probs, padded, index, *weights)
+        out = _PaddedSwiGLU.apply(x, probs, padded, index, counts, *weights)
         grads = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out)).sum(), [x, probs, *weights])
         results.append((out, grads))
     (out1, grads1), (out32, grads32) = results

@@ -21,6 +21,7 @@ def test_fused_step_equals_reference_adamw(results, dtype):
     assert r["max_diff"] <= 1e-6 * r["max_param"], r
     assert r["one_pass"] == (dtype == "bf16")
     assert r["model_copy_exact"]  # the bf16 model weights are the updated main weights, rounded
+    assert r["norm_rel_diff"] < 1e-6  # the one-pass gradient norm is Megatron's
 
 
 def test_reference_step_was_clipped(results):
