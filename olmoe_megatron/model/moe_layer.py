@@ -13,7 +13,7 @@ Megatron's TopKRouter computes the softmax and the top-k twice per layer, once f
 for the load-balancing loss (`compute_routing_scores_for_aux_loss`), and builds the probabilities
 and the routing map by scattering into zero tensors. With OLMoE's router (softmax before top-k, no
 groups, scaling, bias, capacity or jitter) both are the same top-k of the same scores:
-`route_once` computes them once (the mask from the C kernel) and reuses Megatron's gating, z-loss
+`OlmoeTopKRouter` computes them once (the mask from the C kernel) and reuses Megatron's gating, z-loss
 and load-balancing code, so every value is Megatron's. Gradients reach the logits through one
 softmax instead of two, a different order of fp32 sums: so fp32 runs, whose losses are pinned bit
 for bit, keep Megatron's router, and bf16 CPU runs take this one.
@@ -59,13 +59,12 @@ class AlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return hidden_states
 
 
-def route_once_applies(router, hidden_states: torch.Tensor) -> bool:
+def route_once_applies(router, logits: torch.Tensor) -> bool:
     """OLMoE's router in a bf16 run on CPU, with the kernels built."""
     config = router.config
     return (
-        type(router) is TopKRouter
-        and config.bf16
-        and hidden_states.device.type == "cpu"
+        config.bf16
+        and logits.device.type == "cpu"
         and router.routing_type != "sinkhorn"
         and router.score_function == "softmax"
         and config.moe_router_pre_softmax
@@ -75,15 +74,12 @@ def route_once_applies(router, hidden_states: torch.Tensor) -> bool:
         and getattr(router, "router_replay", None) is None
         and not config.moe_router_fusion
         and config.moe_expert_capacity_factor is None
-        and not config.moe_router_force_load_balancing
-        and config.moe_input_jitter_eps is None
         and cpu_kernels.available()
     )
 
 
-def route_once(router: TopKRouter, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """TopKRouter.forward for OLMoE's router, the softmax and top-k computed once (see module doc)."""
-    logits = router.gating(hidden_states)
+def route_once(router: TopKRouter, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopKRouter.routing for OLMoE's router, the softmax and top-k computed once (see module doc)."""
     seq_length, bsz = logits.shape[:2]
     logits_TE = router.apply_z_loss(logits.view(-1, router.config.num_moe_experts))
     scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
@@ -98,9 +94,19 @@ def route_once(router: TopKRouter, hidden_states: torch.Tensor) -> tuple[torch.T
     return probs_TE, routing_map_TE
 
 
+class OlmoeTopKRouter(TopKRouter):
+    """TopKRouter whose routing is `route_once` where that applies (the module, its parameters,
+    gating and forward hooks are Megatron's)."""
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        if padding_mask is None and route_once_applies(self, logits):
+            return route_once(self, logits)
+        return super().routing(logits, padding_mask=padding_mask)
+
+
 class OlmoeMoELayer(MoELayer):
-    """MoELayer whose all-to-all dispatcher is `AlltoAllTokenDispatcher` and whose bf16 CPU routing
-    is `route_once`."""
+    """MoELayer whose all-to-all dispatcher is `AlltoAllTokenDispatcher` and whose router is
+    `OlmoeTopKRouter`."""
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         if pg_collection is None:
@@ -112,8 +118,7 @@ class OlmoeMoELayer(MoELayer):
             )
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
+        if type(self.router) is TopKRouter:
+            # The same object (parameters and their initialisation untouched), our routing method.
+            self.router.__class__ = OlmoeTopKRouter
 
-    def route(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        if padding_mask is None and route_once_applies(self.router, hidden_states):
-            return route_once(self.router, hidden_states)
-        return super().route(hidden_states, padding_mask)

@@ -45,12 +45,15 @@ def compare_dispatch_sort_skip(dtype_name: str = "fp32", *, tokens: int = 24, ba
 
 
 def compare_route_once(*, tokens: int = 40, batch: int = 2) -> dict:
-    """OLMoE's bf16 router through Megatron's TopKRouter and through `route_once`: probabilities,
-    routing map, the logged router losses and the gradients of the input and the router weight."""
+    """OLMoE's bf16 router through Megatron's TopKRouter.routing and through the layer's router
+    (`route_once`): probabilities, routing map, the logged router losses, the gradients of the input
+    and the router weight, and the routing map that forward hooks (expert-load metrics) see."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
     from olmoe_megatron.model.build import build_model_chunks
-    from olmoe_megatron.model.moe_layer import route_once, route_once_applies
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from olmoe_megatron.model.moe_layer import OlmoeTopKRouter, route_once_applies
     from olmoe_megatron.model.precision import PrecisionConfig
     from olmoe_megatron.parallel.context import initialize
     from olmoe_megatron.parallel.layout import ParallelLayout
@@ -64,8 +67,10 @@ def compare_route_once(*, tokens: int = 40, batch: int = 2) -> dict:
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, batch, model.d_model, generator=generator).bfloat16().requires_grad_()
     weight = torch.rand(tokens * batch, model.num_experts, generator=generator)
+    seen = []
+    router.register_forward_hook(lambda module, inputs, output: seen.append(output[1].clone()))
     runs = {}
-    for name, fn in (("megatron", router), ("once", lambda h: route_once(router, h))):
+    for name, fn in (("megatron", lambda h: TopKRouter.routing(router, router.gating(h))), ("once", router)):
         clear_aux_losses_tracker()
         probs, routing_map = fn(x)
         (probs * weight).sum().backward()
@@ -75,7 +80,9 @@ def compare_route_once(*, tokens: int = 40, batch: int = 2) -> dict:
     clear_aux_losses_tracker()
     (p_a, m_a, gx_a, gw_a, l_a), (p_b, m_b, gx_b, gw_b, l_b) = runs["megatron"], runs["once"]
     return {
-        "applies": route_once_applies(router, x),
+        "router_class": type(router).__name__,
+        "applies": route_once_applies(router, x) and isinstance(router, OlmoeTopKRouter),
+        "hook_saw_map": len(seen) == 1 and torch.equal(seen[0], m_b),
         "probs_equal": bool(torch.equal(p_a, p_b)),
         "map_equal": bool(torch.equal(m_a, m_b)),
         "loss_names": sorted(l_a),

@@ -17,7 +17,8 @@ def results():
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler here: the CPU kernels are not built")
 def test_route_once_is_megatrons_router():
     r = run_on_one_rank(compare_route_once, {"bf16": {}})["bf16"]
-    assert r["applies"]
+    assert r["router_class"] == "OlmoeTopKRouter" and r["applies"]
+    assert r["hook_saw_map"]  # forward hooks (expert-load metrics) see the routing map
     assert r["probs_equal"] and r["map_equal"]
     assert r["loss_names"] == ["load_balancing_loss", "z_loss"] and r["losses_equal"]
     # One softmax backward instead of two: fp32 sums in another order.

@@ -61,6 +61,7 @@ def test_golden_losses(pool1, corpus, tmp_path):
         assert key in record, key
     assert set(record["expert_load"]) == {"busiest_expert_share", "min_tokens_per_expert", "max_tokens_per_expert"}
     assert len(record["expert_load"]["busiest_expert_share"]) == 4
+    assert all(m > 0 for m in record["expert_load"]["max_tokens_per_expert"])  # the router hooks counted tokens
     assert record["tokens"] == 20 * 8 * 32 and 0 < record["mfu"] < 1
     assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
 
