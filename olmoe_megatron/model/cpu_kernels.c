@@ -243,7 +243,7 @@ void swiglu_probs_bwd_bf16(const uint16_t *grad_scaled, const uint16_t *fc1_out,
  * [s_q, s_k] block sees keys 0..i + (s_k - s_q) and the rest are exact zeros. Backward, with the
  * flash recurrence's row term (rowsum(dO * O) = rowsum(P * dP)):  dS = bf16(P * (dP - row)).
  */
-static void softmax_row(const float *restrict x, uint16_t *restrict p, int64_t n, int64_t visible) {
+static void softmax_row(const float *restrict x, uint16_t *restrict p, float *restrict e, int64_t n, int64_t visible) {
     float m = -INFINITY;
     int nan = 0;
 #pragma omp simd reduction(max : m) reduction(| : nan)
@@ -254,23 +254,31 @@ static void softmax_row(const float *restrict x, uint16_t *restrict p, int64_t n
     if (nan) m = NAN;
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < visible; j++) s += exp_f32(x[j] - m);
+    for (int64_t j = 0; j < visible; j++) {
+        e[j] = exp_f32(x[j] - m);
+        s += e[j];
+    }
     float inv = 1.0f / s;
 #pragma omp simd
-    for (int64_t j = 0; j < visible; j++) p[j] = f32_to_bf16(exp_f32(x[j] - m) * inv);
+    for (int64_t j = 0; j < visible; j++) p[j] = f32_to_bf16(e[j] * inv);
     for (int64_t j = visible; j < n; j++) p[j] = 0;
 }
 
 void softmax_fwd_f32_bf16(const float *scores, uint16_t *probs, int64_t blocks, int64_t s_q, int64_t s_k,
                           int causal) {
     int64_t rows = blocks * s_q;
-#pragma omp parallel for schedule(static) if (rows * s_k >= PARALLEL_MIN_ELEMENTS)
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t i = r % s_q;
-        int64_t visible = causal ? i + 1 + (s_k - s_q) : s_k;
-        if (visible > s_k) visible = s_k;
-        if (visible < 0) visible = 0;
-        softmax_row(scores + r * s_k, probs + r * s_k, s_k, visible);
+#pragma omp parallel if (rows * s_k >= PARALLEL_MIN_ELEMENTS)
+    {
+        float *e = malloc((size_t)s_k * sizeof(float)); /* exp(x - max) of one row, computed once */
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t i = r % s_q;
+            int64_t visible = causal ? i + 1 + (s_k - s_q) : s_k;
+            if (visible > s_k) visible = s_k;
+            if (visible < 0) visible = 0;
+            softmax_row(scores + r * s_k, probs + r * s_k, e, s_k, visible);
+        }
+        free(e);
     }
 }
 
@@ -395,23 +403,36 @@ void rope_bf16(const uint16_t *x, const uint16_t *cos_table, const uint16_t *sin
  * the largest value, as torch.topk orders it).
  */
 void topk_mask_f32(const float *scores, uint8_t *mask, int64_t rows, int64_t width, int64_t k) {
-#pragma omp parallel for schedule(static) if (rows * width >= 4 * PARALLEL_MIN_ELEMENTS)
-    for (int64_t i = 0; i < rows; i++) {
-        const float *row = scores + i * width;
-        uint8_t *out = mask + i * width;
-        memset(out, 0, (size_t)width);
-        for (int64_t chosen = 0; chosen < k && chosen < width; chosen++) {
-            int64_t best = -1;
+    if (k > width) k = width;
+#pragma omp parallel if (rows * width >= PARALLEL_MIN_ELEMENTS)
+    {
+        int64_t *top = malloc((size_t)(k > 0 ? k : 1) * sizeof(int64_t)); /* indices, best first */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            const float *row = scores + i * width;
+            uint8_t *out = mask + i * width;
+            int64_t filled = 0;
             for (int64_t j = 0; j < width; j++) {
-                if (out[j]) continue;
                 float v = row[j];
-                if (best < 0) { best = j; continue; }
-                float b = row[best];
-                int v_nan = v != v, b_nan = b != b;
-                if ((v_nan && !b_nan) || (!b_nan && v > b)) best = j;
+                int v_nan = v != v;
+                /* position of j among the kept ones: after every kept value it does not beat */
+                int64_t pos = filled;
+                while (pos > 0) {
+                    float b = row[top[pos - 1]];
+                    int beats = (v_nan && b == b) || (!v_nan && b == b && v > b);
+                    if (!beats) break;
+                    pos--;
+                }
+                if (pos >= k) continue;
+                int64_t last = filled < k ? filled : k - 1;
+                for (int64_t q = last; q > pos; q--) top[q] = top[q - 1];
+                top[pos] = j;
+                if (filled < k) filled++;
             }
-            out[best] = 1;
+            memset(out, 0, (size_t)width);
+            for (int64_t q = 0; q < filled; q++) out[top[q]] = 1;
         }
+        free(top);
     }
 }
 

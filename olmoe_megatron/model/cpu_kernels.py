@@ -124,7 +124,7 @@ def library():
         if "lib" not in _state:
             try:
                 _state["lib"] = _load()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
                 logger.warning("CPU kernels unavailable, using torch operators instead: %s", exc)
                 _state["lib"] = None
     return _state["lib"]

@@ -207,6 +207,16 @@ def test_pad_rows_equals_scatter_and_gather(shape):
     assert torch.equal(cpu_kernels.unpad_rows(padded_rows, counts, padded), rows)
 
 
+def test_topk_mask_matches_torch_topk():
+    generator = torch.Generator().manual_seed(8)
+    for experts, k in ((16, 4), (64, 8), (5, 5)):
+        scores = torch.softmax(torch.randn(300, experts, generator=generator), -1)
+        expected = torch.zeros(300, experts, dtype=torch.bool).scatter(1, torch.topk(scores, k).indices, True)
+        assert torch.equal(cpu_kernels.topk_mask(scores, k), expected)
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.5], [2.0, float("nan"), 1.0, 2.0]])
+    assert cpu_kernels.topk_mask(ties, 2).tolist() == [[False, True, True, False], [True, True, False, False]]
+
+
 def _ddp_like(weight):
     """A parameter as Megatron DDP leaves it: an fp32 main_grad and the fusion flag."""
     param = torch.nn.Parameter(weight.clone())
