@@ -296,21 +296,27 @@ void softmax_bwd_bf16(const float *grad_probs, const uint16_t *probs, const floa
 }
 
 /* ------------------------------------------------------------------ gradient accumulation
- * dst (fp32) += src (bf16): a weight gradient into its fp32 main_grad without torch's mixed-dtype
- * add (which first copies src to a temporary fp32 tensor).
+ * dst[t] (fp32) += src[t] (bf16) for a list of tensors: weight gradients into their fp32 main_grad
+ * without torch's mixed-dtype add (which first copies src to a temporary fp32 tensor), in one call.
  */
 static void add_bf16_to_f32_range(float *restrict dst, const uint16_t *restrict src, int64_t n) {
 #pragma omp simd
     for (int64_t j = 0; j < n; j++) dst[j] += bf16_to_f32(src[j]);
 }
 
-void add_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+void add_bf16_to_f32(int64_t count, float *const *dst, const uint16_t *const *src, const int64_t *numels) {
     const int64_t chunk = 8192;
-    int64_t chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if (n >= 4 * PARALLEL_MIN_ELEMENTS)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t start = c * chunk;
-        add_bf16_to_f32_range(dst + start, src + start, (n - start) < chunk ? (n - start) : chunk);
+    int64_t total = 0;
+    for (int64_t t = 0; t < count; t++) total += numels[t];
+#pragma omp parallel if (total >= 4 * PARALLEL_MIN_ELEMENTS)
+    for (int64_t t = 0; t < count; t++) {
+        int64_t n = numels[t];
+        int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp for schedule(static) nowait
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t start = c * chunk;
+            add_bf16_to_f32_range(dst[t] + start, src[t] + start, (n - start) < chunk ? (n - start) : chunk);
+        }
     }
 }
 

@@ -51,7 +51,7 @@ _SIGNATURES = {
     "swiglu_probs_bwd_bf16": (_P, _P, _P, _P, _P, _I64, _I64),
     "softmax_fwd_f32_bf16": (_P, _P, _I64, _I64, _I64, ctypes.c_int),
     "softmax_bwd_bf16": (_P, _P, _P, _P, _I64, _I64),
-    "add_bf16_to_f32": (_P, _P, _I64),
+    "add_bf16_to_f32": (_I64, _P, _P, _P),
     "topk_mask_f32": (_P, _P, _I64, _I64, _I64),
     "pad_rows": (_P, _P, _P, _P, _I64, _I64, ctypes.c_int),
     "rope_bf16": (_P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int),
@@ -278,9 +278,11 @@ def accumulate_into_main_grads(params, grads) -> bool:
                 or not main_grad.is_contiguous() or grad.dtype != torch.bfloat16 or not grad.is_contiguous()
                 or main_grad.shape != grad.shape or getattr(param, "zero_out_wgrad", False)):
             return False
-    lib = library()
-    for param, grad in zip(params, grads):
-        lib.add_bf16_to_f32(_ptr(param.main_grad), _ptr(grad), grad.numel())
+    count = len(grads)
+    pointers = ctypes.c_void_p * count
+    library().add_bf16_to_f32(count, pointers(*[_ptr(p.main_grad) for p in params]), pointers(*[_ptr(g) for g in grads]),
+                              (ctypes.c_int64 * count)(*[g.numel() for g in grads]))
+    for param in params:
         param.grad_added_to_main_grad = True
     return True
 

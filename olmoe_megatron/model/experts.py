@@ -84,11 +84,9 @@ def _unpad(rows_PX: torch.Tensor, index_T: torch.Tensor, padded: list[int], coun
 def _expert_gemms(inputs_PI: torch.Tensor, weights, padded: list[int]) -> torch.Tensor:
     """out[rows of e] = inputs[rows of e] @ W_e^T, written into one [P, O] buffer."""
     out_PO = inputs_PI.new_empty((inputs_PI.shape[0], weights[0].shape[0]))
-    start = 0
-    for rows, weight in zip(padded, weights):
+    for rows, x, out, weight in zip(padded, inputs_PI.split(padded), out_PO.split(padded), weights):
         if rows:
-            torch.mm(inputs_PI[start:start + rows], weight.t(), out=out_PO[start:start + rows])
-        start += rows
+            torch.mm(x, weight.t(), out=out)
     return out_PO
 
 
@@ -96,15 +94,13 @@ def _expert_gemms_backward(grad_PO: torch.Tensor, inputs_PI: torch.Tensor, weigh
     """Gradients of `_expert_gemms`: (grad of inputs [P, I], [grad of W_e for each expert])."""
     grad_PI = torch.empty_like(inputs_PI)
     grad_weights = []
-    start = 0
-    for rows, weight in zip(padded, weights):
+    for rows, grad, x, grad_x, weight in zip(padded, grad_PO.split(padded), inputs_PI.split(padded), grad_PI.split(padded),
+                                             weights):
         if rows:
-            block = grad_PO[start:start + rows]
-            torch.mm(block, weight, out=grad_PI[start:start + rows])
-            grad_weights.append(block.t().mm(inputs_PI[start:start + rows]))
+            torch.mm(grad, weight, out=grad_x)
+            grad_weights.append(grad.t().mm(x))
         else:
             grad_weights.append(torch.zeros_like(weight))
-        start += rows
     return grad_PI, grad_weights
 
 
