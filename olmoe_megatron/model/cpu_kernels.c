@@ -14,6 +14,18 @@
 /* Parallelise a row loop only when there is enough work to pay for waking the threads. */
 #define PARALLEL_MIN_ELEMENTS 16384
 
+/* Runs the statements after the arguments for each fixed-size chunk [start, start + len) of each
+ * tensor t of a list; inside a parallel region, each tensor's chunks are split over the threads. */
+#define LIST_CHUNK 16384
+#define FOR_EACH_CHUNK(count, numels, t, start, len, ...)                                       \
+    for (int64_t t = 0; t < (count); t++) {                                                      \
+        _Pragma("omp for schedule(static) nowait")                                              \
+        for (int64_t start = 0; start < (numels)[t]; start += LIST_CHUNK) {                       \
+            int64_t len = (numels)[t] - start < LIST_CHUNK ? (numels)[t] - start : LIST_CHUNK;   \
+            __VA_ARGS__                                                                          \
+        }                                                                                        \
+    }
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -305,19 +317,10 @@ static void add_bf16_to_f32_range(float *restrict dst, const uint16_t *restrict 
 }
 
 void add_bf16_to_f32(int64_t count, float *const *dst, const uint16_t *const *src, const int64_t *numels) {
-    const int64_t chunk = 8192;
     int64_t total = 0;
     for (int64_t t = 0; t < count; t++) total += numels[t];
 #pragma omp parallel if (total >= 4 * PARALLEL_MIN_ELEMENTS)
-    for (int64_t t = 0; t < count; t++) {
-        int64_t n = numels[t];
-        int64_t chunks = (n + chunk - 1) / chunk;
-#pragma omp for schedule(static) nowait
-        for (int64_t c = 0; c < chunks; c++) {
-            int64_t start = c * chunk;
-            add_bf16_to_f32_range(dst[t] + start, src[t] + start, (n - start) < chunk ? (n - start) : chunk);
-        }
-    }
+    FOR_EACH_CHUNK(count, numels, t, start, len, add_bf16_to_f32_range(dst[t] + start, src[t] + start, len);)
 }
 
 /* ------------------------------------------------------------------ AdamW with bf16 model weights
@@ -349,23 +352,14 @@ void adamw_bf16_step(int64_t count, float *const *main_params, float *const *gra
                      float *const *exp_avg_sqs, uint16_t *const *model_params, const int64_t *numels, float lr,
                      float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
                      float bias_correction2, float grad_scale) {
-    const int64_t chunk = 16384;
     float decay = 1.0f - lr * weight_decay;
     float step_size = lr / bias_correction1;
     float bc2_sqrt = sqrtf(bias_correction2);
 #pragma omp parallel
-    for (int64_t t = 0; t < count; t++) {
-        int64_t n = numels[t];
-        int64_t chunks = (n + chunk - 1) / chunk;
-#pragma omp for schedule(static) nowait
-        for (int64_t c = 0; c < chunks; c++) {
-            int64_t start = c * chunk;
-            int64_t len = (n - start) < chunk ? (n - start) : chunk;
-            uint16_t *p16 = model_params[t] ? model_params[t] + start : NULL;
-            adamw_range(main_params[t] + start, grads[t] + start, exp_avgs[t] + start, exp_avg_sqs[t] + start, p16,
-                        len, lr, beta1, beta2, eps, decay, step_size, bc2_sqrt, grad_scale);
-        }
-    }
+    FOR_EACH_CHUNK(count, numels, t, start, len,
+                   adamw_range(main_params[t] + start, grads[t] + start, exp_avgs[t] + start, exp_avg_sqs[t] + start,
+                               model_params[t] ? model_params[t] + start : NULL, len, lr, beta1, beta2, eps, decay,
+                               step_size, bc2_sqrt, grad_scale);)
 }
 
 /* ------------------------------------------------------------------ rotary position embedding
@@ -435,7 +429,7 @@ void topk_mask_f32(const float *scores, uint8_t *mask, int64_t rows, int64_t wid
                 top[pos] = j;
                 if (filled < k) filled++;
             }
-            memset(out, 0, (size_t)width);
+            for (int64_t j = 0; j < width; j++) out[j] = 0;
             for (int64_t q = 0; q < filled; q++) out[top[q]] = 1;
         }
         free(top);
@@ -445,23 +439,17 @@ void topk_mask_f32(const float *scores, uint8_t *mask, int64_t rows, int64_t wid
 /* ------------------------------------------------------------------ gradient norm
  * Sum of squares of fp32 tensors, accumulated in double (per thread, then over threads).
  */
+static float sum_squares_range(const float *restrict x, int64_t n) {
+    float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t j = 0; j < n; j++) part += x[j] * x[j];
+    return part;
+}
+
 double sum_squares_f32(int64_t count, float *const *tensors, const int64_t *numels) {
-    const int64_t chunk = 16384;
     double total = 0.0;
 #pragma omp parallel reduction(+ : total)
-    for (int64_t t = 0; t < count; t++) {
-        int64_t n = numels[t];
-        int64_t chunks = (n + chunk - 1) / chunk;
-#pragma omp for schedule(static) nowait
-        for (int64_t c = 0; c < chunks; c++) {
-            const float *x = tensors[t] + c * chunk;
-            int64_t len = (n - c * chunk) < chunk ? (n - c * chunk) : chunk;
-            float part = 0.0f;
-#pragma omp simd reduction(+ : part)
-            for (int64_t j = 0; j < len; j++) part += x[j] * x[j];
-            total += (double)part;
-        }
-    }
+    FOR_EACH_CHUNK(count, numels, t, start, len, total += (double)sum_squares_range(tensors[t] + start, len);)
     return total;
 }
 
