@@ -332,7 +332,7 @@ void add_bf16_to_f32(int64_t count, float *const *dst, const uint16_t *const *sr
  *   p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
  */
 static void adamw_range(float *restrict p, const float *restrict grad, float *restrict m, float *restrict v,
-                        uint16_t *restrict p16, int64_t n, float lr, float beta1, float beta2, float eps, float decay,
+                        uint16_t *restrict p16, int64_t n, float beta1, float beta2, float eps, float decay,
                         float step_size, float bc2_sqrt, float grad_scale) {
 #pragma omp simd
     for (int64_t j = 0; j < n; j++) {
@@ -358,7 +358,7 @@ void adamw_bf16_step(int64_t count, float *const *main_params, float *const *gra
 #pragma omp parallel
     FOR_EACH_CHUNK(count, numels, t, start, len,
                    adamw_range(main_params[t] + start, grads[t] + start, exp_avgs[t] + start, exp_avg_sqs[t] + start,
-                               model_params[t] ? model_params[t] + start : NULL, len, lr, beta1, beta2, eps, decay,
+                               model_params[t] ? model_params[t] + start : NULL, len, beta1, beta2, eps, decay,
                                step_size, bc2_sqrt, grad_scale);)
 }
 
