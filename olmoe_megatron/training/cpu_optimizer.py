@@ -20,6 +20,7 @@ Megatron's `step` unchanged.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -36,10 +37,12 @@ def _group_applies(group: dict) -> bool:
     return not (group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable"))
 
 
-def fused_step_applies(optimizer) -> bool:
-    """Whether `optimizer_step` takes the one-pass path for this Megatron optimizer."""
-    if not cpu_kernels.available():
-        return False
+_STATIC_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _static_checks(optimizer) -> bool:
+    """The parts of `fused_step_applies` that cannot change during a run (optimizer classes, options,
+    parameter dtypes and devices), computed once per optimizer."""
     for sub in _sub_optimizers(optimizer):
         if not isinstance(sub, Float16OptimizerWithFloat16Params) or sub.grad_scaler is not None:
             return False
@@ -57,6 +60,15 @@ def fused_step_applies(optimizer) -> bool:
     return True
 
 
+def fused_step_applies(optimizer) -> bool:
+    """Whether `optimizer_step` takes the one-pass path for this Megatron optimizer."""
+    if not cpu_kernels.available():
+        return False
+    if optimizer not in _STATIC_CHECKS:
+        _STATIC_CHECKS[optimizer] = _static_checks(optimizer)
+    return _STATIC_CHECKS[optimizer]
+
+
 def _init_state(state: dict, param: torch.Tensor) -> None:
     """torch.optim.AdamW's lazy state, as its fused form creates it."""
     state["step"] = torch.zeros((), dtype=torch.float32)
@@ -68,22 +80,27 @@ def _adamw_one_pass(sub: Float16OptimizerWithFloat16Params, grad_scale: float) -
     inner = sub.optimizer
     for index, group in enumerate(inner.param_groups):
         model_of = {id(main): model for model, main in zip(sub.float16_groups[index], sub.fp32_from_float16_groups[index])}
-        by_step: dict[float, list] = {}
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            state = inner.state[param]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        states = [inner.state[p] for p in params]
+        for state, param in zip(states, params):
             if len(state) == 0:
                 _init_state(state, param)
-            state["step"] += 1
-            by_step.setdefault(float(state["step"]), []).append(param)
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        # Every parameter's step count is the same unless states were loaded unevenly: one update then.
+        step_values = torch.stack(steps).tolist()
+        by_step: dict[float, list[int]] = {}
+        for i, value in enumerate(step_values):
+            by_step.setdefault(value, []).append(i)
         beta1, beta2 = group["betas"]
-        for step, params in by_step.items():  # one entry unless states were loaded unevenly
-            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        for step, members in by_step.items():
+            chosen = [params[i] for i in members]
             cpu_kernels.adamw_step(
-                params, grads,
-                [inner.state[p]["exp_avg"] for p in params], [inner.state[p]["exp_avg_sq"] for p in params],
-                [model_of.get(id(p)) for p in params],
+                chosen, [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in chosen],
+                [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members],
+                [model_of.get(id(p)) for p in chosen],
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]), step=int(step), grad_scale=grad_scale,
             )
