@@ -1,7 +1,7 @@
 /* Fused bf16 kernels for CPU training (see cpu_kernels.py for why and how they are loaded).
  *
  * bf16 tensors are passed as uint16_t bit patterns; all arithmetic is fp32, and every value that
- * the torch reference rounds to bf16 is rounded here too (round to nearest even, NaN kept), so the
+ * the torch reference rounds to bf16 is rounded here too (round to nearest even), so the
  * results differ from the reference only by the order of fp32 sums and by exp's last bits.
  * Rows are split over the OpenMP threads torch uses (torch's libgomp is the one loaded).
  */
@@ -33,10 +33,12 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* Round to nearest even. NaNs stay NaN without a separate test: every NaN met here is either a bf16
+ * value widened (payload in the upper 16 bits) or produced by arithmetic (the default quiet NaN,
+ * 0x7fc00000 or 0xffc00000), and adding the rounding bias leaves its upper 16 bits a NaN. */
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u); /* quiet NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
