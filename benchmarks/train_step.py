@@ -12,11 +12,14 @@ of 4 x 256 tokens in one process (world size 1), torch threads = all cores:
   parameters under torch.autocast(bfloat16).
 
 Each run is a fresh subprocess (build, `--warmup` untimed steps, `--steps` timed steps); runs
-alternate ours, HF, ours, HF... `--repeats` times per precision and the median run counts. Every
+alternate ours, HF, ours, HF... `--repeats` times per precision and the median run counts. The
+default warmup (10 steps) measures the steady state of both: during the first steps oneDNN compiles
+a GEMM kernel for every new shape (the experts' row counts change with the routing) and the
+allocator grows to its working set. Every
 run first measures the machine's matmul rate in its precision (1024^3 matmuls on the same
 threads); MFU = ModelConfig.flops_per_token(256) x tokens/s / median measured matmul FLOP/s.
 
-Usage: python benchmarks/train_step.py --json out.json [--steps 20] [--repeats 3]
+Usage: python benchmarks/train_step.py --json out.json [--steps 20] [--warmup 10] [--repeats 3]
 """
 
 import os
@@ -235,7 +238,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run, first")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per run, first (both sides)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side per precision (alternating)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated: bf16,fp32")
     parser.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
