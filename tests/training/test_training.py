@@ -80,6 +80,17 @@ def test_resume_is_bit_exact(corpus, tmp_path):
     assert sorted(losses(stopped)) == [1, 2, 3, 4, 5, 6]
 
 
+def test_bf16_resume_with_cpu_kernels_is_bit_exact(pool1, corpus, tmp_path):
+    """bf16 on one process: the CPU kernels and the one-pass optimizer step (training/cpu_optimizer.py)
+    keep torch AdamW's state, so a run stopped at step 2 and resumed gives the same losses, bit for bit."""
+    bf16 = {"dtype": "bf16"}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert pool1.run(train_run, tiny_run(corpus, straight, steps=4, precision=bf16)) == [EXIT_OK]
+    assert pool1.run(train_run, tiny_run(corpus, stopped, steps=2, precision=bf16)) == [EXIT_OK]
+    assert pool1.run(train_run, tiny_run(corpus, stopped, steps=4, precision=bf16)) == [EXIT_OK]
+    assert losses(stopped) == losses(straight) and sorted(losses(stopped)) == [1, 2, 3, 4]
+
+
 def test_anneal_is_a_new_run_from_trained_weights(pool1, corpus, tmp_path):
     """OLMoE's anneal: a new run from the pretrained checkpoint's weights (lr from 0.1*peak linearly
     to 0, fresh optimizer, schedule and data position, reshuffled by a new data seed); a restart
