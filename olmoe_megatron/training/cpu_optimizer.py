@@ -62,11 +62,10 @@ def _static_checks(optimizer) -> bool:
 
 def fused_step_applies(optimizer) -> bool:
     """Whether `optimizer_step` takes the one-pass path for this Megatron optimizer."""
-    if not cpu_kernels.available():
-        return False
     if optimizer not in _STATIC_CHECKS:
         _STATIC_CHECKS[optimizer] = _static_checks(optimizer)
-    return _STATIC_CHECKS[optimizer]
+    # Devices first: a GPU run never builds the CPU kernels.
+    return _STATIC_CHECKS[optimizer] and cpu_kernels.available()
 
 
 def _init_state(state: dict, param: torch.Tensor) -> None:
