@@ -484,3 +484,37 @@ void pad_rows(const uint8_t *src, uint8_t *dst, const int64_t *counts, const int
     free(src_start);
     free(dst_start);
 }
+
+/* ------------------------------------------------------------------ attention operands
+ * bf16 [B, S, D] with any strides (head dim unit stride) -> contiguous fp32, times `scale`; and the
+ * flash backward's row term rowsum(dO * O) read straight from bf16.
+ */
+static void widen_row(const uint16_t *restrict x, float *restrict y, int64_t n, float scale) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) y[j] = bf16_to_f32(x[j]) * scale;
+}
+
+void bf16_to_f32_bsd(const uint16_t *x, float *y, int64_t blocks, int64_t seq, int64_t dim, int64_t stride_b,
+                     int64_t stride_s, float scale) {
+    int64_t rows = blocks * seq;
+#pragma omp parallel for schedule(static) if (rows * dim >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++)
+        widen_row(x + (r / seq) * stride_b + (r % seq) * stride_s, y + r * dim, dim, scale);
+}
+
+static float dot_row(const uint16_t *restrict a, const uint16_t *restrict b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; j++) s += bf16_to_f32(a[j]) * bf16_to_f32(b[j]);
+    return s;
+}
+
+void row_dot_bf16(const uint16_t *a, const uint16_t *b, float *out, int64_t blocks, int64_t seq, int64_t dim,
+                  int64_t a_stride_b, int64_t a_stride_s, int64_t b_stride_b, int64_t b_stride_s) {
+    int64_t rows = blocks * seq;
+#pragma omp parallel for schedule(static) if (rows * dim >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t i = r / seq, s = r % seq;
+        out[r] = dot_row(a + i * a_stride_b + s * a_stride_s, b + i * b_stride_b + s * b_stride_s, dim);
+    }
+}

@@ -54,6 +54,8 @@ _SIGNATURES = {
     "add_bf16_to_f32": (_I64, _P, _P, _P),
     "topk_mask_f32": (_P, _P, _I64, _I64, _I64),
     "pad_rows": (_P, _P, _P, _P, _I64, _I64, ctypes.c_int),
+    "bf16_to_f32_bsd": (_P, _P, _I64, _I64, _I64, _I64, _I64, _F32),
+    "row_dot_bf16": (_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64),
     "rope_bf16": (_P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int),
     "adamw_bf16_step": (_I64, _P, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _F32, _F32),
 }
@@ -253,6 +255,33 @@ def attention_softmax_forward(scores_Bqk: torch.Tensor, *, causal: bool) -> torc
     probs_Bqk = torch.empty(scores_Bqk.shape, dtype=torch.bfloat16)
     library().softmax_fwd_f32_bf16(_ptr(scores_Bqk), _ptr(probs_Bqk), blocks, s_q, s_k, int(causal))
     return probs_Bqk
+
+
+def _bsd_strides_ok(t: torch.Tensor) -> bool:
+    return t.dim() == 3 and t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(2) == 1
+
+
+def widen_bsd(x_Bsd: torch.Tensor, scale: float = 1.0) -> torch.Tensor | None:
+    """Contiguous fp32 copy of bf16 [B, s, d] (unit-stride head dim, any other strides) times `scale`;
+    None where the layout does not fit (callers then use torch)."""
+    if not _bsd_strides_ok(x_Bsd):
+        return None
+    blocks, seq, dim = x_Bsd.shape
+    y = torch.empty((blocks, seq, dim), dtype=torch.float32)
+    library().bf16_to_f32_bsd(_ptr(x_Bsd), _ptr(y), blocks, seq, dim, x_Bsd.stride(0), x_Bsd.stride(1), scale)
+    return y
+
+
+def row_dot_bsd(a_Bsd: torch.Tensor, b_Bsd: torch.Tensor) -> torch.Tensor | None:
+    """rowsum(a * b) over the head dim of two bf16 [B, s, d] tensors, fp32 [B, s, 1]; None where the
+    layouts do not fit."""
+    if not (_bsd_strides_ok(a_Bsd) and _bsd_strides_ok(b_Bsd)) or a_Bsd.shape != b_Bsd.shape:
+        return None
+    blocks, seq, dim = a_Bsd.shape
+    out = torch.empty((blocks, seq, 1), dtype=torch.float32)
+    library().row_dot_bf16(_ptr(a_Bsd), _ptr(b_Bsd), _ptr(out), blocks, seq, dim,
+                           a_Bsd.stride(0), a_Bsd.stride(1), b_Bsd.stride(0), b_Bsd.stride(1))
+    return out
 
 
 def attention_softmax_backward(grad_probs_Bqk: torch.Tensor, probs_Bqk: torch.Tensor, row_Bq: torch.Tensor) -> torch.Tensor:

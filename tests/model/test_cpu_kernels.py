@@ -188,6 +188,18 @@ def test_attention_softmax_matches_torch(s_q, s_k, causal):
     assert torch.equal(cpu_kernels.attention_softmax_backward(grad_probs, probs, row), expected)
 
 
+def test_attention_operands_from_strided_bf16():
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(11, 2, 3, 16, generator=generator).bfloat16()  # [s, b, heads, d] as projected
+    q = x.permute(1, 2, 0, 3).reshape(6, 11, 16)  # the attention's non-contiguous [b * heads, s, d] view
+    o = torch.randn(6, 11, 16, generator=generator).bfloat16()
+    assert torch.equal(cpu_kernels.widen_bsd(q, 0.25), q.float() * 0.25)  # a power of two: exact
+    row = cpu_kernels.row_dot_bsd(q, o)
+    assert row.shape == (6, 11, 1)
+    torch.testing.assert_close(row, (q.double() * o.double()).sum(-1, keepdim=True).float(), rtol=1e-6, atol=1e-5)
+    assert cpu_kernels.widen_bsd(q.transpose(1, 2)) is None  # head dim not unit-stride: torch's path
+
+
 def test_attention_softmax_keeps_nan_in_its_row():
     scores = torch.randn(1, 4, 4)
     scores[0, 2, 1] = float("nan")
