@@ -518,3 +518,38 @@ void row_dot_bf16(const uint16_t *a, const uint16_t *b, float *out, int64_t bloc
         out[r] = dot_row(a + i * a_stride_b + s * a_stride_s, b + i * b_stride_b + s * b_stride_s, dim);
     }
 }
+
+/* ------------------------------------------------------------------ MoE unpermute
+ * out[t] = sum of the rows r with token[r] == t (bf16 rows, fp32 sum in row order, one rounding):
+ * Megatron's unpermute (a bf16 scatter_add into zeros) without its per-add rounding.
+ */
+static void accumulate_row(float *restrict acc, const uint16_t *restrict row, int64_t n) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) acc[j] += bf16_to_f32(row[j]);
+}
+
+void combine_rows_bf16(const uint16_t *rows, const int64_t *token_of_row, uint16_t *out, int64_t num_rows,
+                       int64_t num_tokens, int64_t width) {
+    int64_t *start = calloc((size_t)num_tokens + 1, sizeof(int64_t));
+    int64_t *order = malloc((size_t)(num_rows > 0 ? num_rows : 1) * sizeof(int64_t));
+    for (int64_t r = 0; r < num_rows; r++) start[token_of_row[r] + 1]++;
+    for (int64_t t = 0; t < num_tokens; t++) start[t + 1] += start[t];
+    int64_t *fill = malloc((size_t)(num_tokens > 0 ? num_tokens : 1) * sizeof(int64_t));
+    memcpy(fill, start, (size_t)num_tokens * sizeof(int64_t));
+    for (int64_t r = 0; r < num_rows; r++) order[fill[token_of_row[r]]++] = r; /* rows of a token in order */
+#pragma omp parallel if (num_tokens * width >= PARALLEL_MIN_ELEMENTS)
+    {
+        float *acc = malloc((size_t)width * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < num_tokens; t++) {
+            for (int64_t j = 0; j < width; j++) acc[j] = 0.0f;
+            for (int64_t k = start[t]; k < start[t + 1]; k++) accumulate_row(acc, rows + order[k] * width, width);
+            uint16_t *o = out + t * width;
+            for (int64_t j = 0; j < width; j++) o[j] = f32_to_bf16(acc[j]);
+        }
+        free(acc);
+    }
+    free(fill);
+    free(order);
+    free(start);
+}

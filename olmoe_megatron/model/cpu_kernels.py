@@ -56,6 +56,7 @@ _SIGNATURES = {
     "pad_rows": (_P, _P, _P, _P, _I64, _I64, ctypes.c_int),
     "bf16_to_f32_bsd": (_P, _P, _I64, _I64, _I64, _I64, _I64, _F32),
     "row_dot_bf16": (_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64),
+    "combine_rows_bf16": (_P, _P, _P, _I64, _I64, _I64),
     "rope_bf16": (_P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int),
     "adamw_bf16_step": (_I64, _P, _P, _P, _P, _P, _P, _F32, _F32, _F32, _F32, _F32, _F32, _F32, _F32),
 }
@@ -407,3 +408,28 @@ def _pad_call(src: torch.Tensor, dst: torch.Tensor, counts: list[int], padded: l
     row_bytes = src[0].numel() * src.element_size() if src.shape[0] else 0
     library().pad_rows(_ptr(src), _ptr(dst), (ctypes.c_int64 * experts)(*counts), (ctypes.c_int64 * experts)(*padded),
                        experts, row_bytes, int(unpad))
+
+
+# ----------------------------------------------------------------------------- MoE unpermute
+class _CombineRows(torch.autograd.Function):
+    """out[t] = sum of rows_RH[r] over r with token_R[r] == t (Megatron's unpermute without probs)."""
+
+    @staticmethod
+    def forward(ctx, rows_RH: torch.Tensor, token_R: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        rows_RH = rows_RH.contiguous()
+        token_R = token_R.to(torch.int64).contiguous()
+        out_TH = rows_RH.new_empty((num_tokens, rows_RH.shape[1]))
+        library().combine_rows_bf16(_ptr(rows_RH), _ptr(token_R), _ptr(out_TH), rows_RH.shape[0], num_tokens,
+                                    rows_RH.shape[1])
+        ctx.save_for_backward(token_R)
+        return out_TH
+
+    @staticmethod
+    def backward(ctx, grad_TH: torch.Tensor):
+        (token_R,) = ctx.saved_tensors
+        return grad_TH.index_select(0, token_R), None, None  # scatter_add's gradient: a gather
+
+
+def combine_rows(rows_RH: torch.Tensor, token_R: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Sums bf16 rows into their tokens' rows ([R, H] -> [num_tokens, H]); callers check `applies`."""
+    return _CombineRows.apply(rows_RH, token_R, num_tokens)

@@ -7,7 +7,8 @@ experts it undoes the sort. With expert parallel 1 and expert tensor parallel 1 
 rank, the chunks already arrive in expert order, and both sorts are the identity: each is still a
 split into `num_local_experts` pieces and a concatenation, forward and backward (about 2% of an
 olmoe_small step on 2 CPU cores). `AlltoAllTokenDispatcher` skips them exactly then; every other
-layout runs Megatron's code unchanged.
+layout runs Megatron's code unchanged. In that case on CPU in bf16 it also sums each token's expert
+outputs with the C kernel (fp32, one rounding) instead of Megatron's bf16 scatter-add.
 
 Megatron's TopKRouter computes the softmax and the top-k twice per layer, once for routing and once
 for the load-balancing loss (`compute_routing_scores_for_aux_loss`), and builds the probabilities
@@ -57,6 +58,16 @@ class AlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if not self._sort_is_identity():
             return super().combine_preprocess(hidden_states)
         return hidden_states
+
+    def combine_postprocess(self, permutated_local_input_tokens: torch.Tensor) -> torch.Tensor:
+        # Megatron's unpermute scatter-adds the expert outputs into zeros, in bf16 one add at a time;
+        # on CPU the C kernel sums each token's rows in fp32 and rounds once.
+        if (self._sort_is_identity() and not self.config.moe_permute_fusion
+                and cpu_kernels.applies(permutated_local_input_tokens)):
+            output = cpu_kernels.combine_rows(permutated_local_input_tokens, self.reversed_local_input_permutation_mapping,
+                                              self.hidden_shape_before_permute[0])
+            return output.view(self.hidden_shape)
+        return super().combine_postprocess(permutated_local_input_tokens)
 
 
 def route_once_applies(router, logits: torch.Tensor) -> bool:

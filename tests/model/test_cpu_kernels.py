@@ -229,6 +229,25 @@ def test_topk_mask_matches_torch_topk():
     assert cpu_kernels.topk_mask(ties, 2).tolist() == [[False, True, True, False], [True, True, False, False]]
 
 
+def test_combine_rows_is_megatrons_unpermute():
+    from megatron.core.transformer.moe.moe_utils import permute, unpermute
+
+    generator = torch.Generator().manual_seed(10)
+    tokens, experts, top_k, hidden = 50, 8, 4, 24
+    routing_map = torch.zeros(tokens, experts, dtype=torch.bool).scatter(
+        1, torch.rand(tokens, experts, generator=generator).topk(top_k).indices, True)
+    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    permuted, _, sorted_indices = permute(x, routing_map)
+    rows = (permuted.float() * torch.rand(permuted.shape[0], 1, generator=generator)).bfloat16().requires_grad_()
+    ours = cpu_kernels.combine_rows(rows, sorted_indices, tokens)
+    reference = unpermute(rows.detach(), sorted_indices, restore_shape=x.shape)
+    exact = torch.zeros(tokens, hidden, dtype=torch.float64).index_add_(0, sorted_indices, rows.detach().double())
+    assert ((ours.double() - exact).abs() <= (reference.double() - exact).abs() + 1e-12).all()  # one rounding, not four
+    grad = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    ours.backward(grad)
+    assert torch.equal(rows.grad, grad.index_select(0, sorted_indices))
+
+
 def _ddp_like(weight):
     """A parameter as Megatron DDP leaves it: an fp32 main_grad and the fusion flag."""
     param = torch.nn.Parameter(weight.clone())
