@@ -54,16 +54,23 @@ def _causal_bias(s: int) -> torch.Tensor:
     return bias
 
 
+def _widen(x_Bsd: torch.Tensor, fused: bool, scale: float = 1.0) -> torch.Tensor:
+    """fp32 copy of a [B, s, d] operand times `scale`: one C pass from the strided bf16 view where
+    the kernels apply, else torch's cast (and multiply)."""
+    widened = cpu_kernels.widen_bsd(x_Bsd, scale) if fused else None
+    if widened is not None:
+        return widened
+    return x_Bsd.float().mul_(scale) if scale != 1.0 else x_Bsd.float()
+
+
 class _ScoresAttention(torch.autograd.Function):
     """softmax(scale q k^T + mask) v over B = b * heads independent [s, d] problems (CPU)."""
 
     @staticmethod
     def forward(ctx, q_Bsd, k_Bsd, v_Bsd, scale: float, causal: bool):
         ctx.fused = q_Bsd.dtype == torch.bfloat16 and cpu_kernels.available()
-        q32_Bsd = cpu_kernels.widen_bsd(q_Bsd, scale) if ctx.fused else None
-        k32_Bsd = cpu_kernels.widen_bsd(k_Bsd) if ctx.fused else None
-        q32_Bsd = q_Bsd.float().mul_(scale) if q32_Bsd is None else q32_Bsd
-        k32_Bds = (k_Bsd.float() if k32_Bsd is None else k32_Bsd).transpose(1, 2)
+        q32_Bsd = _widen(q_Bsd, ctx.fused, scale)
+        k32_Bds = _widen(k_Bsd, ctx.fused).transpose(1, 2)
         if ctx.fused:  # mask, softmax and the cast to bf16 in one pass
             probs_Bss = cpu_kernels.attention_softmax_forward(torch.bmm(q32_Bsd, k32_Bds), causal=causal)
         else:
@@ -83,11 +90,8 @@ class _ScoresAttention(torch.autograd.Function):
         q_Bsd, k_Bsd, v_Bsd, probs_Bss, out_Bsd = ctx.saved_tensors
         grad_out_Bsd = grad_out_Bsd.to(q_Bsd.dtype)
         grad_v_Bsd = torch.bmm(probs_Bss.transpose(1, 2), grad_out_Bsd)
-        grad_out32_Bsd = (cpu_kernels.widen_bsd(grad_out_Bsd) if ctx.fused else None)
-        grad_out32_Bsd = grad_out_Bsd.float() if grad_out32_Bsd is None else grad_out32_Bsd
-        v32_Bsd = (cpu_kernels.widen_bsd(v_Bsd) if ctx.fused else None)
-        v32_Bsd = v_Bsd.float() if v32_Bsd is None else v32_Bsd
-        grad_probs_Bss = torch.bmm(grad_out32_Bsd, v32_Bsd.transpose(1, 2))
+        grad_out32_Bsd = _widen(grad_out_Bsd, ctx.fused)
+        grad_probs_Bss = torch.bmm(grad_out32_Bsd, _widen(v_Bsd, ctx.fused).transpose(1, 2))
         # rowsum(P * dP) = rowsum(dO * O): a [B, s, d] product instead of an [B, s, s] one.
         row_B1s = cpu_kernels.row_dot_bsd(grad_out_Bsd, out_Bsd) if ctx.fused else None
         if row_B1s is None:

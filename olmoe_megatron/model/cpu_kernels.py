@@ -149,6 +149,15 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _pointers(tensors) -> ctypes.Array:
+    """A C array of the tensors' data pointers (NULL for None)."""
+    return (ctypes.c_void_p * len(tensors))(*[_ptr(t) if t is not None else None for t in tensors])
+
+
+def _int64s(values) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
 # ----------------------------------------------------------------------------- RMSNorm
 class _RMSNormBF16(torch.autograd.Function):
     """`w * bf16(x / sqrt(mean(x^2) + eps))` over the last dimension, bf16 in and out."""
@@ -308,10 +317,8 @@ def accumulate_into_main_grads(params, grads) -> bool:
                 or not main_grad.is_contiguous() or grad.dtype != torch.bfloat16 or not grad.is_contiguous()
                 or main_grad.shape != grad.shape or getattr(param, "zero_out_wgrad", False)):
             return False
-    count = len(grads)
-    pointers = ctypes.c_void_p * count
-    library().add_bf16_to_f32(count, pointers(*[_ptr(p.main_grad) for p in params]), pointers(*[_ptr(g) for g in grads]),
-                              (ctypes.c_int64 * count)(*[g.numel() for g in grads]))
+    library().add_bf16_to_f32(len(grads), _pointers([p.main_grad for p in params]), _pointers(grads),
+                              _int64s([g.numel() for g in grads]))
     for param in params:
         param.grad_added_to_main_grad = True
     return True
@@ -324,16 +331,9 @@ def adamw_step(main_params, grads, exp_avgs, exp_avg_sqs, model_params, *, lr: f
     also writing each updated weight to its bf16 entry of `model_params` (None: no model copy).
 
     All fp32 tensors contiguous; `step` is the step count after this update (bias corrections)."""
-    count = len(main_params)
-    pointers = ctypes.c_void_p * count
     library().adamw_bf16_step(
-        count,
-        pointers(*[_ptr(t) for t in main_params]),
-        pointers(*[_ptr(t) for t in grads]),
-        pointers(*[_ptr(t) for t in exp_avgs]),
-        pointers(*[_ptr(t) for t in exp_avg_sqs]),
-        pointers(*[_ptr(t) if t is not None else None for t in model_params]),
-        (ctypes.c_int64 * count)(*[t.numel() for t in main_params]),
+        len(main_params), _pointers(main_params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs),
+        _pointers(model_params), _int64s([t.numel() for t in main_params]),
         lr, beta1, beta2, eps, weight_decay, 1.0 - beta1**step, 1.0 - beta2**step, grad_scale,
     )
 
@@ -378,11 +378,9 @@ def topk_mask(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- gradient norm
 def sum_of_squares(tensors) -> float:
     """sum(t ** 2) over contiguous fp32 CPU tensors, accumulated in double."""
-    count = len(tensors)
-    if count == 0:
+    if not tensors:
         return 0.0
-    return library().sum_squares_f32(
-        count, (ctypes.c_void_p * count)(*[_ptr(t) for t in tensors]), (ctypes.c_int64 * count)(*[t.numel() for t in tensors]))
+    return library().sum_squares_f32(len(tensors), _pointers(tensors), _int64s([t.numel() for t in tensors]))
 
 
 # ----------------------------------------------------------------------------- expert row padding
@@ -406,7 +404,7 @@ def unpad_rows(rows_PX: torch.Tensor, counts: list[int], padded: list[int]) -> t
 def _pad_call(src: torch.Tensor, dst: torch.Tensor, counts: list[int], padded: list[int], *, unpad: bool) -> None:
     experts = len(counts)
     row_bytes = src[0].numel() * src.element_size() if src.shape[0] else 0
-    library().pad_rows(_ptr(src), _ptr(dst), (ctypes.c_int64 * experts)(*counts), (ctypes.c_int64 * experts)(*padded),
+    library().pad_rows(_ptr(src), _ptr(dst), _int64s(counts), _int64s(padded),
                        experts, row_bytes, int(unpad))
 
 

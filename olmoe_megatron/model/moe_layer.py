@@ -132,4 +132,3 @@ class OlmoeMoELayer(MoELayer):
         if type(self.router) is TopKRouter:
             # The same object (parameters and their initialisation untouched), our routing method.
             self.router.__class__ = OlmoeTopKRouter
-
