@@ -1,29 +1,30 @@
-"""Core attention for the local spec: torch's scaled_dot_product_attention, or on CPU for short
-sequences an explicit-scores attention with a hand-written backward.
+"""Core attention for the local spec: `DispatchingCoreAttention`, three implementations behind
+Megatron's DotProductAttention interface, chosen per call.
+
+1. **Megatron's `DotProductAttention`** (the parent class's forward): fp32 runs, and every case the
+   other two do not compute identically (an attention mask or bias tensor, packed sequences,
+   dropout, a softmax offset, a sliding window, query-key layer scaling, masks other than causal
+   or none). fp32 is the reference precision (golden losses, layout equivalence tests) and must
+   stay bit-identical; SDPA's tiled reductions differ from Megatron's in the last bits.
+2. **Explicit-scores CPU attention** (`_ScoresAttention`): bf16/fp16 on CPU when the
+   [b*heads, s, s] scores of one layer have at most `CPU_SCORES_MAX_ELEMENTS` entries (and no
+   GQA). SDPA's CPU flash kernel runs its tiles as small GEMMs at ~60-100 GFLOP/s on the
+   olmoe_small benchmark (seq 256, head dim 64, 2 cores), while one batched matmul over all heads
+   runs at 190 (fp32) to 400 (bf16) GFLOP/s. So the scores q k^T are one fp32 batched matmul (bf16
+   inputs, fp32 result: the products are exact and the sum is fp32, as in the flash kernel), the
+   causal mask is added in the same call, the softmax is fp32, and probabilities go to the compute
+   dtype for p v, as the flash kernel does. Backward (the flash-attention recurrence:
+   dS = P * (dP - rowsum(dO * O))) keeps dP in fp32 and runs the dV, dQ, dK matmuls in the compute
+   dtype. Forward + backward per layer: 5.1 ms against SDPA's 7.7 ms. In bf16 with the CPU kernels
+   enabled (`olmoe_megatron.ops.cpu`), mask + softmax + cast is one pass forward and
+   P * (dP - row) + cast one pass backward, the fp32 operands are widened from the strided bf16
+   views in one pass each, and the row term is one pass over dO and O.
+3. **torch's `F.scaled_dot_product_attention`**: bf16/fp16 on GPU, and on CPU for long sequences
+   (or GQA): the flash / memory-efficient kernels, fp32 accumulation, no s x s buffers.
 
 Megatron's local `DotProductAttention` materialises the [b*heads, s, s] scores with baddbmm in the
 compute dtype (bf16 scores: a rounding step of 2^-8 relative before the softmax), masks and
-softmaxes them in separate kernels and keeps the probabilities for backward.
-
-- **GPU, and CPU for long sequences:** SDPA's flash / memory-efficient kernels: fp32 accumulation,
-  no s x s buffers.
-- **CPU, short sequences** (`_ScoresAttention`, when the [b*heads, s, s] scores of one layer have
-  at most `CPU_SCORES_MAX_ELEMENTS` entries): SDPA's CPU flash kernel runs its tiles as small
-  GEMMs at ~60-100 GFLOP/s on the olmoe_small benchmark (seq 256, head dim 64, 2 cores), while one
-  batched matmul over all heads runs at 190 (fp32) to 400 (bf16) GFLOP/s. So the scores
-  q k^T are one fp32 batched matmul (bf16 inputs, fp32 result: the products are exact and the sum
-  is fp32, as in the flash kernel), the causal mask is added in the same call, the softmax is fp32,
-  and probabilities go to the compute dtype for p v, as the flash kernel does. Backward (the
-  flash-attention recurrence: dS = P * (dP - rowsum(dO * O))) keeps dP in fp32 and runs the dV, dQ,
-  dK matmuls in the compute dtype. Forward + backward per layer: 5.1 ms against SDPA's 7.7 ms.
-  In bf16 with the CPU kernels built (`cpu_kernels`), mask + softmax + cast is one pass forward
-  and P * (dP - row) + cast one pass backward, the fp32 operands are widened from the strided bf16
-  views in one pass each, and the row term is one pass over dO and O.
-
-It takes over bf16/fp16 attention in the cases it computes identically (causal or no mask, no
-dropout, vanilla softmax, no window, no query-key layer scaling). fp32 runs keep Megatron's forward:
-SDPA's tiled reductions differ from it in the last bits, and fp32 is the reference precision
-(golden losses, layout equivalence tests) that must stay bit-identical.
+softmaxes them in separate kernels and keeps the probabilities for backward; 2 and 3 do not.
 
 Legend: s sequence, b micro-batch, n heads on this rank, g query groups on this rank, d head dim.
 """
@@ -35,7 +36,13 @@ import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from olmoe_megatron.model import cpu_kernels
+from olmoe_megatron.ops.cpu import (
+    attention_softmax_backward,
+    attention_softmax_forward,
+    kernels_apply,
+    row_dot_bsd,
+    widen_bsd,
+)
 
 CPU_SCORES_MAX_ELEMENTS = 2 ** 24
 """The explicit-scores CPU attention runs when b * heads * s_q * s_k is at most this (per layer: the
@@ -57,7 +64,7 @@ def _causal_bias(s: int) -> torch.Tensor:
 def _widen(x_Bsd: torch.Tensor, fused: bool, scale: float = 1.0) -> torch.Tensor:
     """fp32 copy of a [B, s, d] operand times `scale`: one C pass from the strided bf16 view where
     the kernels apply, else torch's cast (and multiply)."""
-    widened = cpu_kernels.widen_bsd(x_Bsd, scale) if fused else None
+    widened = widen_bsd(x_Bsd, scale) if fused else None
     if widened is not None:
         return widened
     return x_Bsd.float().mul_(scale) if scale != 1.0 else x_Bsd.float()
@@ -68,11 +75,11 @@ class _ScoresAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_Bsd, k_Bsd, v_Bsd, scale: float, causal: bool):
-        ctx.fused = q_Bsd.dtype == torch.bfloat16 and cpu_kernels.available()
+        ctx.fused = kernels_apply(q_Bsd, contiguous=False)  # strided views: the wrappers read them
         q32_Bsd = _widen(q_Bsd, ctx.fused, scale)
         k32_Bds = _widen(k_Bsd, ctx.fused).transpose(1, 2)
         if ctx.fused:  # mask, softmax and the cast to bf16 in one pass
-            probs_Bss = cpu_kernels.attention_softmax_forward(torch.bmm(q32_Bsd, k32_Bds), causal=causal)
+            probs_Bss = attention_softmax_forward(torch.bmm(q32_Bsd, k32_Bds), causal=causal)
         else:
             if causal:
                 scores_Bss = torch.baddbmm(_causal_bias(q_Bsd.shape[1]), q32_Bsd, k32_Bds)
@@ -93,11 +100,11 @@ class _ScoresAttention(torch.autograd.Function):
         grad_out32_Bsd = _widen(grad_out_Bsd, ctx.fused)
         grad_probs_Bss = torch.bmm(grad_out32_Bsd, _widen(v_Bsd, ctx.fused).transpose(1, 2))
         # rowsum(P * dP) = rowsum(dO * O): a [B, s, d] product instead of an [B, s, s] one.
-        row_B1s = cpu_kernels.row_dot_bsd(grad_out_Bsd, out_Bsd) if ctx.fused else None
+        row_B1s = row_dot_bsd(grad_out_Bsd, out_Bsd) if ctx.fused else None
         if row_B1s is None:
             row_B1s = (grad_out32_Bsd * out_Bsd.float()).sum(-1, keepdim=True)
         if ctx.fused:
-            grad_scores_Bss = cpu_kernels.attention_softmax_backward(grad_probs_Bss, probs_Bss, row_B1s)
+            grad_scores_Bss = attention_softmax_backward(grad_probs_Bss, probs_Bss, row_B1s)
         else:
             grad_scores_Bss = grad_probs_Bss.sub_(row_B1s).mul_(probs_Bss).to(q_Bsd.dtype)
         del grad_probs_Bss
@@ -106,10 +113,11 @@ class _ScoresAttention(torch.autograd.Function):
         return grad_q_Bsd, grad_k_Bsd, grad_v_Bsd, None, None
 
 
-class SDPACoreAttention(DotProductAttention):
-    """DotProductAttention with its forward on F.scaled_dot_product_attention (same parameters)."""
+class DispatchingCoreAttention(DotProductAttention):
+    """DotProductAttention (same parameters) whose forward picks one of three implementations
+    (module doc): Megatron's own forward, the explicit-scores CPU attention, or torch's SDPA."""
 
-    def _sdpa_applies(self, attention_mask, attn_mask_type, attention_bias, packed_seq_params) -> bool:
+    def _own_paths_apply(self, attention_mask, attn_mask_type, attention_bias, packed_seq_params) -> bool:
         config = self.config
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         return (
@@ -134,7 +142,7 @@ class SDPACoreAttention(DotProductAttention):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if not self._sdpa_applies(attention_mask, attn_mask_type, attention_bias, packed_seq_params):
+        if not self._own_paths_apply(attention_mask, attn_mask_type, attention_bias, packed_seq_params):  # 1.
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -150,13 +158,13 @@ class SDPACoreAttention(DotProductAttention):
             and (mask_type == AttnMaskType.no_mask or s_k == s)
             and b * n * s * s_k <= CPU_SCORES_MAX_ELEMENTS
         ):
-            # [b, n, s, d] -> [b * n, s, d]: a view (b and n are adjacent in memory), no copy.
+            # 2. [b, n, s, d] -> [b * n, s, d]: a view (b and n are adjacent in memory), no copy.
             context_Bsd = _ScoresAttention.apply(
                 q_bnsd.reshape(b * n, s, d), k_bgsd.reshape(b * n, s_k, d), v_bgsd.reshape(b * n, s_k, d),
                 self.softmax_scale, mask_type == AttnMaskType.causal,
             )
             return context_Bsd.view(b, n, s, d).permute(2, 0, 1, 3).reshape(s, b, n * d)
-        context_bnsd = F.scaled_dot_product_attention(
+        context_bnsd = F.scaled_dot_product_attention(  # 3.
             q_bnsd, k_bgsd, v_bgsd, is_causal=mask_type == AttnMaskType.causal, scale=self.softmax_scale,
             enable_gqa=k_bgsd.shape[1] != n,
         )

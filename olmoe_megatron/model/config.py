@@ -12,11 +12,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from olmoe_megatron.config import Config, ConfigError
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+from olmoe_megatron.config import Config, ConfigError, divisors
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -66,7 +62,11 @@ class ModelConfig(Config):
     token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     """Megatron token dispatcher ('flex' needs DeepEP and is not offered)."""
     expert_impl: Literal["grouped", "sequential"] = "grouped"
-    """'grouped': one grouped GEMM over all local experts (torch._grouped_mm); 'sequential': a loop."""
+    """How the local experts' GEMMs run. 'grouped': with Transformer Engine, Megatron's TEGroupedMLP;
+    in the local spec, `PaddedOrStackedSwiGLUExperts` on SequentialMLP's parameters and checkpoints:
+    on CPU one GEMM per expert over its rows padded to a multiple of 32 (bf16/fp16) with
+    SwiGLU * probabilities fused, on CUDA one torch._grouped_mm over the expert weights stacked in
+    every forward. 'sequential': Megatron's SequentialMLP, a loop of expert MLPs."""
 
     # ----------------------------------------------------------------- derived values
     @property
@@ -107,12 +107,12 @@ class ModelConfig(Config):
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads} "
-                f"(or set model.head_dim); try num_heads in {_divisors(self.d_model)[:12]}"
+                f"(or set model.head_dim); try num_heads in {divisors(self.d_model)[:12]}"
             )
         if self.num_heads % self.kv_heads:
             raise ConfigError(
                 f"model.num_kv_heads={self.kv_heads} must divide model.num_heads={self.num_heads}; "
-                f"use one of {_divisors(self.num_heads)}"
+                f"use one of {divisors(self.num_heads)}"
             )
         if self.padded_vocab_size < self.vocab_size:
             raise ConfigError(

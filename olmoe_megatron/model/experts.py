@@ -1,22 +1,27 @@
-"""SwiGLU experts computed as one grouped GEMM per projection.
+"""SwiGLU experts on SequentialMLP's parameters, computed by hand: `PaddedOrStackedSwiGLUExperts`.
 
-`GroupedSwiGLUExperts` keeps Megatron's SequentialMLP parameters (one MLP per local expert), so
-its state dict, dist-checkpoint keys and optimizer state are exactly SequentialMLP's: checkpoints
-move freely between the two. Only the computation differs:
+It is what `model.expert_impl="grouped"` builds in the local spec (Transformer Engine's spec builds
+Megatron's TEGroupedMLP instead). It keeps Megatron's SequentialMLP parameters (one MLP per local
+expert), so its state dict, dist-checkpoint keys and optimizer state are exactly SequentialMLP's:
+checkpoints move freely between the two. Only the computation differs, and it is two different
+computations:
 
-- **CUDA:** the local experts' weights are stacked and `torch._grouped_mm` runs (a CUTLASS grouped
-  GEMM on Hopper; no grouped_gemm package needed).
-- **CPU:** `torch._grouped_mm` decomposes into one GEMM per expert, and in bf16 each GEMM is a
-  oneDNN kernel JIT-compiled for its exact shape. The number of tokens routed to an expert changes
-  every step, so almost every expert GEMM missed oneDNN's primitive cache: about 270 kernel
-  compilations per olmoe_small step (0.35 ms each, plus page faults for the code buffers), a third
-  of the step. So on CPU, in bf16/fp16, each expert's rows are padded to a multiple of
-  `CPU_ROW_ALIGN`: the GEMM shapes come from a small set that stays cached. Padding rows are zeros:
-  they add nothing to any result, only ~CPU_ROW_ALIGN/2 rows of work per expert. fp32 needs no
-  padding. Forward and backward run by hand (`_PaddedSwiGLU`): GEMMs written into one output
-  buffer, no weight stacking or concatenation. In bf16 with the CPU kernels built (`cpu_kernels`),
-  SwiGLU and the probability scaling are one pass each way, and under Megatron DDP the weight
-  gradients are added straight into their fp32 main_grad (Megatron's gradient-accumulation fusion).
+- **CUDA: one grouped GEMM over stacked weights.** Every forward stacks the local experts' weights
+  into [E, 2F, H] and [E, H, F] (a copy of all local expert weights in every forward) and runs
+  `torch._grouped_mm` (a CUTLASS grouped GEMM on Hopper; no grouped_gemm package needed).
+- **CPU: one GEMM per expert over padded rows.** `torch._grouped_mm` would decompose into one GEMM
+  per expert anyway, and in bf16 each GEMM is a oneDNN kernel JIT-compiled for its exact shape. The
+  number of tokens routed to an expert changes every step, so almost every expert GEMM missed
+  oneDNN's primitive cache: about 270 kernel compilations per olmoe_small step (0.35 ms each, plus
+  page faults for the code buffers), a third of the step. So on CPU, in bf16/fp16, each expert's
+  rows are padded to a multiple of `CPU_ROW_ALIGN` (32): the GEMM shapes come from a small set that
+  stays cached. Padding rows are zeros: they add nothing to any result, only ~CPU_ROW_ALIGN/2 rows
+  of work per expert. fp32 needs no padding. Forward and backward run by hand (`_PaddedSwiGLU`):
+  one `torch.mm` per expert written into one output buffer, no weight stacking or concatenation.
+  In bf16 with the CPU kernels enabled (`olmoe_megatron.ops.cpu`), SwiGLU and the probability
+  scaling are one fused pass each way, the row padding is one copy, and under Megatron DDP the
+  weight gradients are added straight into their fp32 main_grad (Megatron's
+  gradient-accumulation fusion).
 
 Legend: T tokens routed to this rank, P the padded row count, H hidden size, F expert FFN width on
 this rank (already divided by expert-tensor-parallel), E local experts.
@@ -28,7 +33,14 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from olmoe_megatron.model import cpu_kernels
+from olmoe_megatron.ops.cpu import (
+    accumulate_into_main_grads,
+    kernels_apply,
+    pad_rows,
+    swiglu_probs_backward,
+    swiglu_probs_forward,
+    unpad_rows,
+)
 
 CPU_ROW_ALIGN = 32
 """Each expert's rows are padded to a multiple of this on CPU in bf16/fp16 (bounded set of GEMM shapes)."""
@@ -68,16 +80,16 @@ def _pad(rows_TX: torch.Tensor, index_T: torch.Tensor, padded: list[int], counts
     """Token rows (grouped by expert) into the padded rows; pad rows are zero."""
     if sum(padded) == rows_TX.shape[0]:
         return rows_TX.contiguous()
-    if counts is not None and rows_TX.device.type == "cpu" and cpu_kernels.available():
-        return cpu_kernels.pad_rows(rows_TX, counts, padded)  # each row written once
+    if counts is not None and kernels_apply(rows_TX, dtype=None, contiguous=False):
+        return pad_rows(rows_TX, counts, padded)  # each row written once
     return _scatter_rows(rows_TX, index_T, sum(padded))
 
 
 def _unpad(rows_PX: torch.Tensor, index_T: torch.Tensor, padded: list[int], counts: list[int] | None) -> torch.Tensor:
     if rows_PX.shape[0] == index_T.shape[0]:
         return rows_PX
-    if counts is not None and rows_PX.device.type == "cpu" and cpu_kernels.available():
-        return cpu_kernels.unpad_rows(rows_PX, counts, padded)
+    if counts is not None and kernels_apply(rows_PX, dtype=None, contiguous=False):
+        return unpad_rows(rows_PX, counts, padded)
     return rows_PX.index_select(0, index_T)
 
 
@@ -113,9 +125,9 @@ class _PaddedSwiGLU(torch.autograd.Function):
         hidden_PH = _pad(hidden_TH, index_T, padded, counts)
         probs_P = _pad(probs_T, index_T, padded, counts)
         fc1_out_P2F = _expert_gemms(hidden_PH, weights[:num_experts], padded)
-        ctx.fused = probs_P.dtype == torch.float32 and probs_P.is_contiguous() and cpu_kernels.applies(fc1_out_P2F)
+        ctx.fused = kernels_apply(fc1_out_P2F) and kernels_apply(probs_P, dtype=torch.float32)
         if ctx.fused:  # one pass; act is recomputed in backward
-            scaled_PF = cpu_kernels.swiglu_probs_forward(fc1_out_P2F, probs_P)
+            scaled_PF = swiglu_probs_forward(fc1_out_P2F, probs_P)
             act_PF = None
         else:
             gate_PF, up_PF = torch.chunk(fc1_out_P2F, 2, dim=-1)
@@ -135,7 +147,7 @@ class _PaddedSwiGLU(torch.autograd.Function):
         grad_out_PH = _pad(grad_out_TH.to(hidden_PH.dtype), index_T, padded, ctx.counts)
         grad_scaled_PF, grad_fc2 = _expert_gemms_backward(grad_out_PH, scaled_PF, weights[num_experts:], padded)
         if ctx.fused:
-            grad_fc1_out_P2F, grad_probs_P = cpu_kernels.swiglu_probs_backward(grad_scaled_PF, fc1_out_P2F, probs_P)
+            grad_fc1_out_P2F, grad_probs_P = swiglu_probs_backward(grad_scaled_PF, fc1_out_P2F, probs_P)
         else:
             grad_fc1_out_P2F, grad_probs_P = _swiglu_probs_backward(grad_scaled_PF, fc1_out_P2F, act_PF, probs_P)
 
@@ -145,7 +157,7 @@ class _PaddedSwiGLU(torch.autograd.Function):
         # Under Megatron DDP in bf16, the weight gradients go straight into the fp32 main_grad
         # buffer; autograd still receives them (DDP's hook then sees grad_added_to_main_grad).
         if ctx.fused:
-            cpu_kernels.accumulate_into_main_grads(weights, [*grad_fc1, *grad_fc2])
+            accumulate_into_main_grads(weights, [*grad_fc1, *grad_fc2])
         return (grad_hidden_TH, grad_probs_T, None, None, None, *grad_fc1, *grad_fc2)
 
 
@@ -169,8 +181,16 @@ def _swiglu_probs_backward(grad_scaled_PF, fc1_out_P2F, act_PF, probs_P):
     return grad_fc1_out_P2F, grad_probs_P
 
 
-class GroupedSwiGLUExperts(SequentialMLP):
-    """Drop-in for SequentialMLP with a grouped-GEMM forward (SwiGLU, no biases)."""
+class PaddedOrStackedSwiGLUExperts(SequentialMLP):
+    """Drop-in for SequentialMLP (its parameters and checkpoints; SwiGLU, no biases) whose forward
+    is written by hand, differently per device (module doc):
+
+    - CPU: one `torch.mm` per expert over the expert's rows padded to a multiple of
+      `CPU_ROW_ALIGN` (bf16/fp16; fp32 unpadded), SwiGLU * probabilities fused (`_PaddedSwiGLU`).
+    - CUDA: `torch._grouped_mm` over the local experts' weights, stacked in every forward.
+
+    fp8/fp4 and probabilities applied on the input run SequentialMLP's own forward.
+    """
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None):
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
@@ -180,7 +200,10 @@ class GroupedSwiGLUExperts(SequentialMLP):
                 "lacks it: set model.expert_impl=sequential"
             )
         if not (config.gated_linear_unit and config.activation_func is F.silu) or config.add_bias_linear:
-            raise ValueError("GroupedSwiGLUExperts computes SwiGLU experts without biases only")
+            raise ValueError(
+                "model.expert_impl=grouped (PaddedOrStackedSwiGLUExperts) computes SwiGLU experts without biases only: "
+                "set model.expert_impl=sequential"
+            )
 
     def forward(self, hidden_TH: torch.Tensor, tokens_per_expert: torch.Tensor, probs_T: torch.Tensor):
         config = self.config
@@ -193,7 +216,8 @@ class GroupedSwiGLUExperts(SequentialMLP):
             padded, index_T = padded_layout(counts, cpu_row_align(hidden_TH.dtype))
             weights = [e.linear_fc1.weight for e in experts] + [e.linear_fc2.weight for e in experts]
             return _PaddedSwiGLU.apply(hidden_TH, probs_T, padded, index_T, counts, *weights), None
-        # [E, 2F, H] and [E, H, F]: the nn.Linear layouts; grouped_mm takes their transposes.
+        # CUDA: stack [E, 2F, H] and [E, H, F] (the nn.Linear layouts; a copy of every local expert
+        # weight in each forward); grouped_mm takes their transposes.
         fc1_EFH = torch.stack([e.linear_fc1.weight for e in experts])
         fc2_EHF = torch.stack([e.linear_fc2.weight for e in experts])
         if not torch.is_tensor(tokens_per_expert):

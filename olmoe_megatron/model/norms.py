@@ -22,7 +22,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from olmoe_megatron.model import cpu_kernels
+from olmoe_megatron.ops.cpu import kernels_apply, rms_norm_bf16
 
 
 def rms_normalize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, mean_square: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,8 +30,8 @@ def rms_normalize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, mean_squ
 
     bf16 on CPU runs the fused kernel (one pass forward, one backward) where it is built.
     """
-    if mean_square is None and cpu_kernels.applies(x, weight):
-        return cpu_kernels.rms_norm_bf16(x, weight, eps)
+    if mean_square is None and kernels_apply(x, weight):
+        return rms_norm_bf16(x, weight, eps)
     x32 = x.float()
     if mean_square is None:
         mean_square = x32.pow(2).mean(-1, keepdim=True)
@@ -98,8 +98,8 @@ class FullWidthQKNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, heads, head_dim = x.shape
         flat = x.reshape(s, b, heads * head_dim)
-        if self.tp_size == 1 and cpu_kernels.applies(flat, self.weight):
-            return cpu_kernels.rms_norm_bf16(flat, self.weight, self.eps).view(s, b, heads, head_dim)
+        if self.tp_size == 1 and kernels_apply(flat, self.weight):
+            return rms_norm_bf16(flat, self.weight, self.eps).view(s, b, heads, head_dim)
         square_sum = flat.float().pow(2).sum(-1, keepdim=True)
         if self.tp_size > 1:
             square_sum = _AllReduceBothWays.apply(square_sum, parallel_state.get_tensor_model_parallel_group())

@@ -16,7 +16,7 @@ def _graph_has(grad_fn, name: str, depth: int = 8) -> bool:
 def compare_core_attention(dtype_name: str, *, seq: int = 64, batch: int = 2, heads: int = 4, head_dim: int = 16,
                            mask: str = "causal", scores_max_elements: int | None = None,
                            cpu_kernels: bool = True) -> dict:
-    """Output and q/k/v gradients of SDPACoreAttention against DotProductAttention.
+    """Output and q/k/v gradients of DispatchingCoreAttention against DotProductAttention.
 
     `scores_max_elements` overrides attention.CPU_SCORES_MAX_ELEMENTS (0: the SDPA path on CPU);
     `cpu_kernels=False` runs the explicit-scores path on torch operators only (OLMOE_CPU_KERNELS=0).
@@ -57,7 +57,7 @@ def _compare(attention, dtype_name: str, seq: int, batch: int, heads: int, head_
     config = to_transformer_config(model, context.layout, precision=precision, backend="gloo")
     kwargs = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType[mask], attention_type="self",
                   pg_collection=context.groups)
-    reference, ours = DotProductAttention(**kwargs), attention.SDPACoreAttention(**kwargs)
+    reference, ours = DotProductAttention(**kwargs), attention.DispatchingCoreAttention(**kwargs)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(seq, batch, heads, head_dim, generator=generator).to(precision.torch_dtype)
                .requires_grad_() for _ in range(3))

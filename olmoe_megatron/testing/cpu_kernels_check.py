@@ -9,7 +9,7 @@ import torch.distributed as dist
 def vocab_parallel_ce_check(*, rows: int = 48, vocab: int = 96) -> dict:
     """Each rank holds a slice of the same bf16 logits; the loss and this rank's logit gradients
     are compared with float64 over the whole vocabulary."""
-    from olmoe_megatron.model import cpu_kernels
+    from olmoe_megatron.ops.cpu import vocab_parallel_cross_entropy_bf16
 
     rank, world = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(0)
@@ -18,7 +18,7 @@ def vocab_parallel_ce_check(*, rows: int = 48, vocab: int = 96) -> dict:
     grad_loss = torch.rand(rows, 2, generator=generator)
     shard = vocab // world
     local = logits[..., rank * shard:(rank + 1) * shard].contiguous().requires_grad_()
-    loss = cpu_kernels.vocab_parallel_cross_entropy_bf16(local, target, group=dist.group.WORLD, vocab_start=rank * shard)
+    loss = vocab_parallel_cross_entropy_bf16(local, target, group=dist.group.WORLD, vocab_start=rank * shard)
     loss.backward(grad_loss)
 
     full = logits.double().requires_grad_()

@@ -1,4 +1,5 @@
-"""Compares GroupedSwiGLUExperts with Megatron's SequentialMLP (the same weights) on one rank."""
+"""Compares PaddedOrStackedSwiGLUExperts (model.expert_impl="grouped" in the local spec) with
+Megatron's SequentialMLP (the same weights) on one rank."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ def compare_experts(dtype_name: str, tokens_per_expert: list[int], *, hidden: in
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    from olmoe_megatron.model.experts import GroupedSwiGLUExperts
+    from olmoe_megatron.model.experts import PaddedOrStackedSwiGLUExperts
     from olmoe_megatron.model.megatron_config import to_transformer_config
     from olmoe_megatron.model.precision import PrecisionConfig
     from olmoe_megatron.parallel.context import initialize
@@ -26,7 +27,7 @@ def compare_experts(dtype_name: str, tokens_per_expert: list[int], *, hidden: in
     submodules = get_moe_module_spec_for_backend(
         backend=LocalSpecProvider(), num_experts=num_experts, moe_grouped_gemm=False).submodules.experts.submodules
     reference = SequentialMLP(num_experts, config, submodules, pg_collection=context.groups)
-    grouped = GroupedSwiGLUExperts(num_experts, config, submodules, pg_collection=context.groups)
+    grouped = PaddedOrStackedSwiGLUExperts(num_experts, config, submodules, pg_collection=context.groups)
     grouped.load_state_dict(reference.state_dict())
 
     generator = torch.Generator().manual_seed(0)

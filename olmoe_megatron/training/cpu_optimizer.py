@@ -5,11 +5,12 @@ parameter after the gradient norm: clipping scales every gradient, torch's fused
 fp32 main weights and moments, and `_copy_main_params_to_model_params` casts every main weight
 into its bf16 model weight. On a CPU these passes are memory-bound and each costs about as much as
 the update itself (olmoe_small: ~2.4 + 6.2 + 2.9 ms of a ~165 ms step). `optimizer_step` keeps
-Megatron's gradient preparation and norm, then runs `cpu_kernels.adamw_step`: clip factor, AdamW
+Megatron's gradient preparation and norm, then runs `ops.cpu.adamw_step`: clip factor, AdamW
 and the bf16 copy in one pass, on the same optimizer state tensors (`step`, `exp_avg`,
 `exp_avg_sq`), so checkpoints and a later Megatron step see exactly torch's state layout. The
 gradient norm is Megatron's (the same gradients, the same all-reduce over each optimizer's grad-stats
-group) with the sum of squares in one C pass instead of a norm per tensor (~2.8 -> ~1.3 ms).
+group) with the sum of squares in one C pass instead of a norm per tensor (~2.8 -> ~1.3 ms):
+`ops.cpu.l2_norm(..., one_pass=True)`, the function behind Megatron's own norm on CPU too.
 
 It applies where every sub-optimizer is Megatron's `Float16OptimizerWithFloat16Params` (mixed
 precision without the distributed optimizer, no loss scaler) over torch's AdamW in its default form,
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16OptimizerWithFloat16Params
 
-from olmoe_megatron.model import cpu_kernels
+from olmoe_megatron.ops.cpu import adamw_step, enabled, l2_norm
 
 
 def _sub_optimizers(optimizer) -> list:
@@ -65,7 +66,7 @@ def fused_step_applies(optimizer) -> bool:
     if optimizer not in _STATIC_CHECKS:
         _STATIC_CHECKS[optimizer] = _static_checks(optimizer)
     # Devices first: a GPU run never builds the CPU kernels.
-    return _STATIC_CHECKS[optimizer] and cpu_kernels.available()
+    return _STATIC_CHECKS[optimizer] and enabled()
 
 
 def _init_state(state: dict, param: torch.Tensor) -> None:
@@ -96,7 +97,7 @@ def _adamw_one_pass(sub: Float16OptimizerWithFloat16Params, grad_scale: float) -
         beta1, beta2 = group["betas"]
         for step, members in by_step.items():
             chosen = [params[i] for i in members]
-            cpu_kernels.adamw_step(
+            adamw_step(
                 chosen, [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in chosen],
                 [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members],
                 [model_of.get(id(p)) for p in chosen],
@@ -107,8 +108,7 @@ def _adamw_one_pass(sub: Float16OptimizerWithFloat16Params, grad_scale: float) -
 
 def _norm_fp32(grads: list[torch.Tensor], group) -> float:
     """megatron.core.optimizer.clip_grads.get_grad_norm_fp32 (L2, no DTensors) with one C pass."""
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    total = torch.tensor([cpu_kernels.sum_of_squares(grads)], dtype=torch.float32)
+    total = l2_norm(grads, squared=True, one_pass=True)
     dist.all_reduce(total, group=group)
     return total.item() ** 0.5
 

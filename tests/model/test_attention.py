@@ -1,6 +1,6 @@
-"""The local spec's core attention (bf16) matches Megatron's DotProductAttention on both of its CPU
-paths (explicit scores for short sequences, with and without the fused softmax kernels; SDPA for
-long ones); fp32 uses Megatron's path."""
+"""The local spec's core attention (DispatchingCoreAttention, bf16) matches Megatron's
+DotProductAttention on both of its CPU paths (explicit scores for short sequences, with and without
+the fused softmax kernels; SDPA for long ones); fp32 uses Megatron's path."""
 
 import pytest
 

@@ -1,5 +1,6 @@
-"""Grouped SwiGLU experts: the CPU padded path equals Megatron's SequentialMLP (outputs and all
-gradients), and its padding keeps every expert GEMM on a small set of row counts."""
+"""PaddedOrStackedSwiGLUExperts (expert_impl="grouped"): the CPU padded path equals Megatron's
+SequentialMLP (outputs and all gradients), and its padding keeps every expert GEMM on a small set
+of row counts."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-/* Fused bf16 kernels for CPU training (see cpu_kernels.py for why and how they are loaded).
+/* Fused bf16 kernels for CPU training (see loader.py and __init__.py beside it for why and how they are loaded).
  *
  * bf16 tensors are passed as uint16_t bit patterns; all arithmetic is fp32, and every value that
  * the torch reference rounds to bf16 is rounded here too (round to nearest even), so the
@@ -195,7 +195,7 @@ void ce_grad_bf16(const uint16_t *logits, const float *row_max, const float *sum
 }
 
 /* ------------------------------------------------------------------ SwiGLU experts with router probabilities
- * fc1_out rows are [gate (width) | up (width)]. Forward, as GroupedSwiGLUExperts' torch code rounds:
+ * fc1_out rows are [gate (width) | up (width)]. Forward, as PaddedOrStackedSwiGLUExperts' torch code rounds:
  *   act = bf16(bf16(silu(gate)) * up),  scaled = bf16(act * p)   (p: the row's fp32 probability)
  * Backward, given d = d(scaled):
  *   dp = sum(d * act) (fp32),  da = bf16(d * p),
