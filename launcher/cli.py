@@ -12,6 +12,7 @@ import importlib
 import logging
 import pkgutil
 import sys
+import warnings
 
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.launcher import commands
@@ -37,7 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_import_warnings() -> None:
+    """Filters the one import-time warning of megatron-core that is not true of our runs.
+
+    megatron-core 0.16.1 imports models/backends.py with every GPTModel (multi_token_prediction.py
+    imports it) and that module warns "Apex is not installed. Falling back to Torch Norm" where apex
+    is missing. The fallback it announces is its LayerNorm for Megatron's own specs; OLMoE's specs
+    never use it (our RMSNorm: model/norms.py; TE's on GPUs), and importing GPTModel cannot be avoided.
+    """
+    warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm", category=UserWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_import_warnings()
     parser = build_parser()
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if extra and not getattr(args, "_accepts_overrides", False):

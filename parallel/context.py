@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from olmoe_megatron.parallel import cpu_backend
+from olmoe_megatron.parallel import backend_patches
 from olmoe_megatron.parallel.layout import ParallelLayout
 
 if TYPE_CHECKING:
@@ -59,8 +59,13 @@ class ParallelContext:
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
 
     @property
+    def uses_cuda(self) -> bool:
+        """Whether this run computes on CUDA devices (the one answer to "is this a GPU run")."""
+        return backend_uses_cuda(self.backend)
+
+    @property
     def device(self) -> torch.device:
-        if self.backend == "nccl":
+        if self.uses_cuda:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
@@ -72,21 +77,26 @@ class ParallelContext:
 
 
 def default_backend() -> str:
+    """NCCL where torch sees a CUDA device, gloo (CPU) elsewhere."""
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def backend_uses_cuda(backend: str) -> bool:
+    """A run on `backend` computes on CUDA devices (NCCL) or on the CPU (gloo)."""
+    return backend == "nccl"
 
 
 def init_distributed(*, backend: str | None = None, timeout_minutes: float = 10.0) -> str:
     """Starts torch.distributed from the torchrun/Slurm environment (or as one process)."""
     backend = backend or default_backend()
-    if backend == "gloo":
-        cpu_backend.install()
+    backend_patches.install()  # what megatron-core lacks here (CUDA, TE, apex), on CPU and GPU
     if dist.is_initialized():
         return dist.get_backend()
     if "RANK" not in os.environ:  # a plain `python` process: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    if backend == "nccl":
+    if backend_uses_cuda(backend):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return backend
@@ -156,12 +166,3 @@ def initialize(
     )
     logger.debug("parallel context: %s", context.describe())
     return context
-
-
-def destroy(*, process_group: bool = False) -> None:
-    """Tears down Megatron's groups (and the torch process group when asked)."""
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if process_group and dist.is_initialized():
-        dist.destroy_process_group()

@@ -8,11 +8,12 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from olmoe_megatron.model import cpu_kernels
 from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.megatron_config import to_transformer_config
 from olmoe_megatron.model.precision import PrecisionConfig
-from olmoe_megatron.model.spec import block_spec
+from olmoe_megatron.model.rope import install_cpu_rope
+from olmoe_megatron.model.spec import block_spec, quiet_moe_subclass_warning
+from olmoe_megatron.ops.cpu import kernels_apply, vocab_parallel_cross_entropy_bf16
 from olmoe_megatron.parallel.context import ParallelContext
 
 
@@ -20,15 +21,15 @@ class OlmoeGPTModel(GPTModel):
     """Megatron's GPTModel; bf16 logits on CPU take the fused cross-entropy kernel.
 
     The loss is Megatron's vocab-parallel cross-entropy either way (same all-reduces over the
-    TP group); the kernel only avoids the fp32 copy of the logits (`cpu_kernels`).
+    TP group); the kernel only avoids the fp32 copy of the logits (`olmoe_megatron.ops.cpu`).
     """
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if self.config.cross_entropy_loss_fusion or not cpu_kernels.applies(logits):
+        if self.config.cross_entropy_loss_fusion or not kernels_apply(logits):
             return super().compute_language_model_loss(labels, logits)
         tp = self.pg_collection.tp
         vocab_start = dist.get_rank(tp) * logits.shape[-1] if tp is not None else 0
-        loss_sb = cpu_kernels.vocab_parallel_cross_entropy_bf16(
+        loss_sb = vocab_parallel_cross_entropy_bf16(
             logits, labels.transpose(0, 1).contiguous(), group=tp, vocab_start=vocab_start
         )
         return loss_sb.transpose(0, 1).contiguous()
@@ -39,8 +40,11 @@ def build_transformer_config(
 ) -> tuple[TransformerConfig, bool]:
     """(TransformerConfig, use_te) for this context."""
     use_te = precision.use_te()
+    # On CPU our RoPE kernel goes into Megatron's fused-RoPE slot (TE's on GPUs; empty without TE).
+    cpu_rope = not context.uses_cuda and install_cpu_rope()
     config = to_transformer_config(
-        model, context.layout, precision=precision, backend=context.backend, use_te=use_te, recompute=recompute
+        model, context.layout, precision=precision, backend=context.backend, use_te=use_te, recompute=recompute,
+        cpu_rope=cpu_rope,
     )
     return config, use_te
 
@@ -65,6 +69,7 @@ def build_model_chunks(
     use_te = precision.use_te()
     if config is None:
         config, use_te = build_transformer_config(model, context, precision=precision, recompute=recompute)
+    quiet_moe_subclass_warning()
     num_chunks = context.layout.vpp or 1
     chunks = []
     for chunk in range(num_chunks):
@@ -75,7 +80,8 @@ def build_model_chunks(
         chunks.append(
             OlmoeGPTModel(
                 config=config,
-                transformer_layer_spec=block_spec(model, num_layers=num_layers, use_te=use_te),
+                transformer_layer_spec=block_spec(model, num_layers=num_layers, use_te=use_te,
+                                                  pg_collection=context.groups),
                 vocab_size=model.padded_vocab_size,
                 max_sequence_length=model.max_sequence_length,
                 pre_process=pre,

@@ -3,7 +3,9 @@
 Every OLMoE-specific override of a Megatron default is here, with the reason:
 truncated-normal init without depth scaling, softmax-then-top-k router in fp32 without
 renormalisation, OLMoE's loss coefficients converted to Megatron's per-layer ones, and fusions that
-need CUDA kernels switched off where those kernels are absent.
+need CUDA kernels switched off where those kernels are absent. A pure translation: it changes
+nothing outside the config it returns (the model build fills Megatron's fused-RoPE slot on CPU
+before asking for `cpu_rope`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.precision import PrecisionConfig, megatron_fp8_fields
-from olmoe_megatron.model.rope import install_cpu_rope
+from olmoe_megatron.parallel.context import backend_uses_cuda
 from olmoe_megatron.parallel.layout import ParallelLayout
 
 
@@ -33,6 +35,7 @@ def to_transformer_config(
     backend: str,
     use_te: bool = False,
     recompute: str | None = None,
+    cpu_rope: bool = False,
 ) -> TransformerConfig:
     """Maps (model, layout, precision) to Megatron-Core's TransformerConfig.
 
@@ -43,10 +46,12 @@ def to_transformer_config(
         backend: 'nccl' or 'gloo' (gloo forbids batched p2p with interleaved pipelines).
         use_te: the layers are Transformer Engine modules (enables TE-only fusions).
         recompute: None, 'selective' (core attention + MoE activations) or 'full'.
+        cpu_rope: Megatron's fused-RoPE slot holds the CPU kernel (`model.rope.install_cpu_rope`,
+            called by the model build): use it.
     """
     init = truncated_normal_init(model.init_std, model.init_cutoff_stds)
     dtype = precision.torch_dtype
-    on_gpu = backend == "nccl"
+    on_gpu = backend_uses_cuda(backend)
     batch_p2p = layout.use_batch_p2p_comm(backend=backend)
     interleaved = layout.vpp is not None and layout.vpp > 1
     moe_fields = {}
@@ -105,7 +110,7 @@ def to_transformer_config(
         gradient_accumulation_fusion=on_gpu and use_te,
         # On CPU, Megatron's fused-RoPE slot holds our kernel (model/rope.py), bit-identical to the
         # unfused code in fp32 and with the same bf16 roundings.
-        apply_rope_fusion=(on_gpu and use_te) or (not on_gpu and install_cpu_rope()),
+        apply_rope_fusion=(on_gpu and use_te) or cpu_rope,
         masked_softmax_fusion=False,
         bias_activation_fusion=on_gpu and use_te,
         bias_dropout_fusion=on_gpu,
@@ -124,6 +129,8 @@ def to_transformer_config(
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
         recompute_modules=["core_attn", "moe_act"] if recompute == "selective" else None,
+        # Megatron's default "full" is a deprecated alias of [] (the whole layer) and warns on every build.
+        cuda_graph_scope=[],
         **moe_fields,
         **megatron_fp8_fields(precision),
     )

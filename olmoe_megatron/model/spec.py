@@ -1,26 +1,33 @@
 """Megatron-Core ModuleSpecs for OLMoE layers: a local spec (CPU and GPU) and a TE spec (GPU).
 
 Both specs give the same checkpoint keys: the local spec maps its separate norms onto the keys of
-TE's fused layer-norm linears, as Megatron's own local spec does.
+TE's fused layer-norm linears, as Megatron's own local spec does. The local spec names Megatron's
+modules directly (not through `megatron.core.models.backends`, whose import warns that apex is
+missing although no apex module is used here). The MoE layer is `OlmoeMoELayer` with OLMoE's router
+in `MoESubmodules.router`; it gets its process groups through the spec (see `_moe_spec`).
 """
 
 from __future__ import annotations
 
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
-from megatron.core.models.backends import LocalSpecProvider
+import logging
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from olmoe_megatron.model.config import ModelConfig
-from olmoe_megatron.model.attention import SDPACoreAttention
-from olmoe_megatron.model.experts import GroupedSwiGLUExperts
-from olmoe_megatron.model.moe_layer import OlmoeMoELayer
+from olmoe_megatron.model.attention import DispatchingCoreAttention
+from olmoe_megatron.model.experts import PaddedOrStackedSwiGLUExperts
+from olmoe_megatron.model.moe_layer import OlmoeMoELayer, OlmoeTopKRouter
 from olmoe_megatron.model.norms import FullWidthQKNorm, RMSNorm
 
 
@@ -30,36 +37,60 @@ def _qk_norm(model: ModelConfig, projection: str):
     return ModuleSpec(module=FullWidthQKNorm, params={"projection": projection})
 
 
-def _mlp_spec(model: ModelConfig, backend, *, use_te: bool) -> ModuleSpec:
-    if not model.is_moe:
-        return ModuleSpec(
-            module=MLP,
-            submodules=MLPSubmodules(
-                linear_fc1=backend.column_parallel_layer_norm_linear() if use_te else backend.column_parallel_linear(),
-                linear_fc2=backend.row_parallel_linear(),
-            ),
+def _local_mlp_submodules() -> MLPSubmodules:
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def _moe_spec(model: ModelConfig, *, use_te: bool, pg_collection) -> ModuleSpec:
+    """OLMoE's MoE layer: our router and experts in Megatron's MoESubmodules.
+
+    Megatron's TransformerLayer passes process groups only to MoE layers whose class is exactly
+    MoELayer; OlmoeMoELayer (a subclass) gets them here, as a spec parameter.
+    """
+    if use_te:
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+
+        submodules = get_moe_module_spec_for_backend(
+            backend=te_backend(), num_experts=model.num_experts, moe_grouped_gemm=model.expert_impl == "grouped",
+        ).submodules
+        submodules.router = OlmoeTopKRouter
+    else:
+        experts = SequentialMLP if model.expert_impl == "sequential" else PaddedOrStackedSwiGLUExperts
+        submodules = MoESubmodules(
+            experts=ModuleSpec(module=experts, submodules=_local_mlp_submodules()),
+            shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_local_mlp_submodules()),
+            router=OlmoeTopKRouter,
         )
-    spec = get_moe_module_spec_for_backend(
-        backend=backend,
-        num_experts=model.num_experts,
-        moe_grouped_gemm=use_te and model.expert_impl == "grouped",
+    return ModuleSpec(
+        module=OlmoeMoELayer,
+        params={"pg_collection": pg_collection},
+        submodules=submodules,
+        metainfo={"fuse_pre_mlp_layernorm": False},
     )
-    spec.module = OlmoeMoELayer
-    if not use_te and model.expert_impl == "grouped":
-        spec.submodules.experts = ModuleSpec(
-            module=GroupedSwiGLUExperts, submodules=spec.submodules.experts.submodules
-        )
-    return spec
 
 
-def layer_spec(model: ModelConfig, *, use_te: bool = False) -> ModuleSpec:
+def _mlp_spec(model: ModelConfig, backend, *, use_te: bool, pg_collection) -> ModuleSpec:
+    if model.is_moe:
+        return _moe_spec(model, use_te=use_te, pg_collection=pg_collection)
+    return ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(
+            linear_fc1=backend.column_parallel_layer_norm_linear() if use_te else ColumnParallelLinear,
+            linear_fc2=backend.row_parallel_linear() if use_te else RowParallelLinear,
+        ),
+    )
+
+
+def layer_spec(model: ModelConfig, *, use_te: bool = False, pg_collection=None) -> ModuleSpec:
     """The ModuleSpec of one OLMoE decoder layer.
 
     Args:
         model: the architecture.
         use_te: Transformer Engine modules (GPU; needed for FP8) instead of local ones.
+        pg_collection: the model's process groups (Megatron's ProcessGroupCollection), for the MoE
+            layer; None: Megatron's global groups.
     """
-    backend = te_backend() if use_te else LocalSpecProvider()
+    te = te_backend() if use_te else None
     dense_fused_norm = use_te and not model.is_moe  # TE fuses the pre-MLP norm into fc1 for dense MLPs
     return ModuleSpec(
         module=TransformerLayer,
@@ -69,16 +100,16 @@ def layer_spec(model: ModelConfig, *, use_te: bool = False) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=backend.column_parallel_layer_norm_linear() if use_te else backend.column_parallel_linear(),
-                    core_attention=backend.core_attention() if use_te else SDPACoreAttention,
-                    linear_proj=backend.row_parallel_linear(),
+                    linear_qkv=te.column_parallel_layer_norm_linear() if use_te else ColumnParallelLinear,
+                    core_attention=te.core_attention() if use_te else DispatchingCoreAttention,
+                    linear_proj=te.row_parallel_linear() if use_te else RowParallelLinear,
                     q_layernorm=_qk_norm(model, "query"),
                     k_layernorm=_qk_norm(model, "key"),
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp if dense_fused_norm else (backend.layer_norm() if use_te else RMSNorm),
-            mlp=_mlp_spec(model, backend, use_te=use_te),
+            pre_mlp_layernorm=IdentityOp if dense_fused_norm else (te.layer_norm() if use_te else RMSNorm),
+            mlp=_mlp_spec(model, te, use_te=use_te, pg_collection=pg_collection),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=(
                 {}
@@ -92,10 +123,36 @@ def layer_spec(model: ModelConfig, *, use_te: bool = False) -> ModuleSpec:
     )
 
 
-def block_spec(model: ModelConfig, *, num_layers: int, use_te: bool = False) -> TransformerBlockSubmodules:
+def block_spec(model: ModelConfig, *, num_layers: int, use_te: bool = False, pg_collection=None) -> TransformerBlockSubmodules:
     """`num_layers` OLMoE layers plus the final RMSNorm (this rank's pipeline chunk)."""
     final_norm = te_backend().layer_norm() if use_te else RMSNorm
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(model, use_te=use_te)] * num_layers, layer_norm=final_norm)
+    layer = layer_spec(model, use_te=use_te, pg_collection=pg_collection)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
+
+
+class _UnknownMlpTypeFilter(logging.Filter):
+    """Drops megatron-core 0.16.1's "Unknown MLP type: ... Using default kwargs" for our MoE layer.
+
+    Why a filter and not a fix: TransformerLayer recognises an MoE layer only when its spec's module
+    is exactly MoELayer (`module in (MoELayer, ...)`), so every subclass warns, once per layer and
+    build. OlmoeMoELayer has to be a subclass (it skips the identity sort around Megatron's own
+    dispatcher), and the kwargs Megatron would have added (the process groups) are in its spec's
+    params, so nothing is defaulted. Other MLP types still warn.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Unknown MLP type: ") and "ModuleSpec" in message)
+
+
+_UNKNOWN_MLP_FILTER = _UnknownMlpTypeFilter()
+
+
+def quiet_moe_subclass_warning() -> None:
+    """Installs `_UnknownMlpTypeFilter` on Megatron's transformer-layer logger (idempotent)."""
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if _UNKNOWN_MLP_FILTER not in layer_logger.filters:
+        layer_logger.addFilter(_UNKNOWN_MLP_FILTER)
 
 
 def te_backend():
@@ -104,7 +161,7 @@ def te_backend():
         import transformer_engine  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(
-            "model.spec=te needs Transformer Engine: pip install 'olmoe-megatron[gpu]' on a machine "
+            "precision.spec=te needs Transformer Engine: pip install 'olmoe-megatron[gpu]' on a machine "
             "with a CUDA build of torch (it cannot be installed on CPU-only machines, where "
             f"megatron-core then fails to import). Import error: {exc}"
         ) from None

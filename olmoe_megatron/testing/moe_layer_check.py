@@ -1,4 +1,4 @@
-"""Runs one OLMoE MoE layer with and without the identity-sort skip of `AlltoAllTokenDispatcher`."""
+"""Runs one OLMoE MoE layer with and without the identity-sort skip of `OlmoeMoELayer`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import torch
 
 
 def compare_dispatch_sort_skip(dtype_name: str = "fp32", *, tokens: int = 24, batch: int = 2) -> dict:
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
     from olmoe_megatron.model.build import build_model_chunks
-    from olmoe_megatron.model.moe_layer import AlltoAllTokenDispatcher
+    from olmoe_megatron.model.moe_layer import OlmoeMoELayer
     from olmoe_megatron.model.precision import PrecisionConfig
     from olmoe_megatron.parallel.context import initialize
     from olmoe_megatron.parallel.layout import ParallelLayout
@@ -23,19 +25,20 @@ def compare_dispatch_sort_skip(dtype_name: str = "fp32", *, tokens: int = 24, ba
     weight = torch.linspace(-1, 1, x.numel()).view_as(x)
     results = {}
     for skip in (True, False):
-        dispatcher.skip_identity_sort = skip
+        mlp.skip_identity_sort = skip
         out, _ = mlp(x)
         (out.float() * weight).sum().backward()
         results[skip] = (out.detach().clone(), x.grad.clone(), [p.grad.clone() for p in mlp.parameters()])
         x.grad = None
         for p in mlp.parameters():
             p.grad = None
-    dispatcher.skip_identity_sort = True
+    mlp.skip_identity_sort = True
     (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results[True], results[False]
     return {
         "dispatcher": type(dispatcher).__name__,
-        "is_ours": isinstance(dispatcher, AlltoAllTokenDispatcher),
-        "sort_is_identity": dispatcher._sort_is_identity(),
+        "layer_is_ours": isinstance(mlp, OlmoeMoELayer),
+        "dispatcher_is_megatrons": type(dispatcher) is MoEAlltoAllTokenDispatcher,
+        "sort_is_identity": mlp.skips_identity_sort(),
         "num_local_experts": dispatcher.num_local_experts,
         "out_equal": bool(torch.equal(out_a, out_b)),
         "input_grad_equal": bool(torch.equal(gx_a, gx_b)),

@@ -12,9 +12,13 @@ from olmoe_megatron.recipes import get_recipe
 
 
 def test_olmoe_1b_7b_maps_field_by_field():
+    from olmoe_megatron.model.rope import install_cpu_rope
+
+    assert install_cpu_rope()  # the model build's step on CPU
     run = get_recipe("olmoe_1b_7b")
     layout = ParallelLayout(tensor_parallel=2, expert_parallel=8, pipeline_parallel=2, sequence_parallel=True)
-    cfg = to_transformer_config(run.model, layout, precision=PrecisionConfig(dtype="bf16", spec="local"), backend="gloo")
+    cfg = to_transformer_config(run.model, layout, precision=PrecisionConfig(dtype="bf16", spec="local"), backend="gloo",
+                                cpu_rope=True)
     expected = {
         "num_layers": 16, "hidden_size": 2048, "num_attention_heads": 16, "num_query_groups": 16,
         "kv_channels": 128, "ffn_hidden_size": 1024, "normalization": "RMSNorm", "layernorm_epsilon": 1e-5,
@@ -32,6 +36,7 @@ def test_olmoe_1b_7b_maps_field_by_field():
         "gradient_accumulation_fusion": False, "apply_rope_fusion": True, "masked_softmax_fusion": False,
         "bias_activation_fusion": False, "persist_layer_norm": False, "cross_entropy_loss_fusion": False,
         "use_cpu_initialization": True, "batch_p2p_comm": True, "recompute_granularity": None,
+        "cuda_graph_scope": [],
     }
     for field, value in expected.items():
         assert getattr(cfg, field) == pytest.approx(value) if isinstance(value, float) else getattr(cfg, field) == value, field
@@ -62,17 +67,58 @@ def test_fp8_needs_te_and_bf16():
         PrecisionConfig(fp8="e4m3", spec="local")
     with pytest.raises(ConfigError, match=r"precision.dtype='fp32': FP8 runs inside a bf16 model"):
         PrecisionConfig(fp8="hybrid", dtype="fp32")
-    for recipe in ("delayed", "tensorwise", "blockwise"):
-        precision = PrecisionConfig(fp8="e4m3", fp8_recipe=recipe)
-        if not torch.cuda.is_available():
-            with pytest.raises(ConfigError, match=r"needs Transformer Engine on a CUDA GPU: no CUDA device"):
-                precision.use_te()
-    assert PrecisionConfig(spec="auto").use_te() is torch.cuda.is_available() or not torch.cuda.is_available()
-    with pytest.raises(ConfigError, match=r"precision.spec=te needs Transformer Engine"):
-        if not torch.cuda.is_available():
+
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+
+@cpu_only
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
+def test_fp8_without_a_gpu_is_refused(recipe):
+    with pytest.raises(ConfigError, match=r"precision.fp8='e4m3' needs Transformer Engine on a CUDA GPU: no CUDA device"):
+        PrecisionConfig(fp8="e4m3", fp8_recipe=recipe).use_te()
+
+
+@cpu_only
+def test_spec_choice_without_a_gpu():
+    assert PrecisionConfig(spec="auto").use_te() is False
+    assert PrecisionConfig(spec="local").use_te() is False
+    with pytest.raises(ConfigError, match=r"precision.spec=te needs Transformer Engine on a CUDA GPU: no CUDA device"):
+        PrecisionConfig(spec="te").use_te()
+
+
+@pytest.mark.gpu
+def test_spec_choice_on_a_gpu():
+    """auto means TE exactly when TE imports; te without TE is refused naming the import problem."""
+    from olmoe_megatron.model.precision import transformer_engine_status
+
+    te_ok, why = transformer_engine_status()
+    assert PrecisionConfig(spec="auto").use_te() is te_ok
+    assert PrecisionConfig(spec="local").use_te() is False
+    if te_ok:
+        assert PrecisionConfig(spec="te").use_te() is True
+    else:
+        with pytest.raises(ConfigError, match=r"precision.spec=te needs Transformer Engine on a CUDA GPU: transformer_engine"):
             PrecisionConfig(spec="te").use_te()
-        else:
-            raise ConfigError("precision.spec=te needs Transformer Engine (GPU machine: skipped)")
+
+
+def test_cpu_rope_is_a_translation_input_not_a_side_effect():
+    """In a fresh interpreter (nothing built yet): translating a config fills no Megatron slot."""
+    import subprocess
+    import sys
+
+    code = (
+        "from megatron.core.models.common.embeddings import rope_utils\n"
+        "from olmoe_megatron.model.megatron_config import to_transformer_config\n"
+        "from olmoe_megatron.parallel.layout import ParallelLayout\n"
+        "from olmoe_megatron.recipes import get_recipe\n"
+        "run = get_recipe('olmoe_tiny')\n"
+        "assert rope_utils.fused_apply_rotary_pos_emb is None\n"
+        "cfg = to_transformer_config(run.model, ParallelLayout(), precision=run.precision, backend='gloo')\n"
+        "print(cfg.apply_rope_fusion, rope_utils.fused_apply_rotary_pos_emb is None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "True"]
 
 
 def test_te_spec_without_te_gives_a_clear_error():
@@ -81,7 +127,7 @@ def test_te_spec_without_te_gives_a_clear_error():
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match=r"needs Transformer Engine: pip install 'olmoe-megatron\[gpu\]'"):
+        with pytest.raises(RuntimeError, match=r"^precision.spec=te needs Transformer Engine: pip install 'olmoe-megatron\[gpu\]'"):
             te_backend()
     else:
         pytest.skip("Transformer Engine is installed here")
