@@ -14,12 +14,12 @@ has fewer rows the extra rows are zeros (a logged warning says so) and `vocab_si
 from __future__ import annotations
 
 import logging
-import math
 import re
 from pathlib import Path
 
 import torch
 
+from olmoe_megatron.checkpoint import format as ckpt_format
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.convert import mcore_io
 from olmoe_megatron.convert.errors import ConversionError, atomic_output_dir, list_keys
@@ -108,7 +108,7 @@ def hf_to_mcore(
         base_model: values for ModelConfig fields HF does not record (z-loss weight, ...).
         overwrite: replace an existing `out`.
     """
-    from olmoe_megatron.training.dist_ckpt import save_model
+    from olmoe_megatron.checkpoint.weights import save_model
 
     reader = HFReader(hf_dir)
     try:
@@ -116,8 +116,7 @@ def hf_to_mcore(
     except KeyError as exc:
         raise ConversionError(f"{reader.directory / 'config.json'} lacks the field {exc}") from None
     if layout is not None:
-        world_size = math.lcm(layout.model_parallel_size, layout.etp * layout.ep * layout.pp)
-        layout.validate(model, world_size, backend="gloo")
+        layout.validate(model, layout.smallest_world_size, backend="gloo")
     fused = check_keys_and_shapes(reader, model)
     torch_dtype = _checkpoint_dtype(reader, dtype)
     if model.vocab_size < model.padded_vocab_size:
@@ -146,8 +145,8 @@ def hf_to_mcore(
         if unfilled:
             raise ConversionError(f"the mapping left model parameters unset: {list_keys(unfilled)}")
         save_model([chunk], tmp)
-        mcore_io.write_model_config(tmp, model)
-        copied = reader.copy_tokenizer(tmp / mcore_io.TOKENIZER_DIR)
+        ckpt_format.write_model_config(tmp, model)
+        copied = reader.copy_tokenizer(tmp / ckpt_format.TOKENIZER_DIR)
         if copied:
             logger.info("copied tokenizer files: %s", ", ".join(copied))
     return model

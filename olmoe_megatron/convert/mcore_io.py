@@ -1,5 +1,5 @@
 """Our side of a conversion: a world-of-one Megatron model whose weights are filled (or read) one
-decoder layer at a time, and the checkpoint directory conventions.
+decoder layer at a time, and the checkpoint format's lookups with the converters' errors.
 
 The model is built with `perform_initialization=False`: its parameters are `torch.empty` pages the
 kernel has not handed out yet, so an unfilled model costs (almost) nothing, filling it costs one
@@ -19,14 +19,11 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-from olmoe_megatron.config.base import dump_yaml, load_yaml
+from olmoe_megatron.checkpoint import format as ckpt_format
+from olmoe_megatron.config.base import load_yaml
 from olmoe_megatron.convert.errors import ConversionError, list_keys
 from olmoe_megatron.model.config import ModelConfig
 
-MODEL_FILE = "olmoe_model.yaml"
-RUN_FILE = "olmoe_run.yaml"
-LATEST = "latest"
-TOKENIZER_DIR = "hf_tokenizer"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -89,39 +86,26 @@ def fill_parameters(params: dict[str, torch.nn.Parameter], tensors: dict[str, to
 # --------------------------------------------------------------------------- checkpoint directories
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model checkpoint dir, a training step dir, or a training root (follows its `latest`)."""
-    path = Path(path)
-    if (path / LATEST).is_file():
-        target = path / (path / LATEST).read_text().strip()
-        if not target.is_dir():
-            raise ConversionError(f"{path / LATEST} names {target.name}, which does not exist")
-        path = target
+    try:
+        path = ckpt_format.follow_latest(path)
+    except ckpt_format.CheckpointFormatError as err:
+        raise ConversionError(str(err)) from err
     if not (path / "metadata.json").is_file():
         raise ConversionError(
             f"{path} is not a Megatron dist checkpoint (no metadata.json) nor a training root with a "
-            f"`{LATEST}` file; pass a model checkpoint dir, a step_XXXXXXX dir or the checkpoint root"
+            f"`{ckpt_format.LATEST}` file; pass a model checkpoint dir, a step_XXXXXXX dir or the checkpoint root"
         )
     return path
 
 
 def read_model_config(ckpt: Path, *, override: str | Path | None = None) -> ModelConfig:
-    """The checkpoint's ModelConfig: olmoe_model.yaml, else olmoe_run.yaml's model (dir, then parent)."""
+    """`override` (a ModelConfig YAML) if given, else the checkpoint's own (checkpoint.format)."""
     if override is not None:
         return load_yaml(ModelConfig, override)
-    for directory in (ckpt, ckpt.parent):
-        if (directory / MODEL_FILE).is_file():
-            return load_yaml(ModelConfig, directory / MODEL_FILE)
-        if (directory / RUN_FILE).is_file():
-            from olmoe_megatron.run_config import RunConfig
-
-            return load_yaml(RunConfig, directory / RUN_FILE).model
-    raise ConversionError(
-        f"no {MODEL_FILE} or {RUN_FILE} in {ckpt} or {ckpt.parent}: the architecture is unknown; "
-        "pass --model-config PATH (a ModelConfig YAML)"
-    )
-
-
-def write_model_config(directory: Path, model: ModelConfig) -> None:
-    (directory / MODEL_FILE).write_text(dump_yaml(model))
+    try:
+        return ckpt_format.read_model_config(ckpt)
+    except ckpt_format.CheckpointFormatError as err:
+        raise ConversionError(f"{err}; pass --model-config PATH (a ModelConfig YAML)") from err
 
 
 def checkpoint_dtype(ckpt: Path) -> torch.dtype:

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from olmoe_megatron.checkpoint import format as ckpt_format
 from olmoe_megatron.convert import mcore_io
 from olmoe_megatron.convert.errors import ConversionError, atomic_output_dir
 from olmoe_megatron.convert.safetensors_io import HFShardWriter, copy_tokenizer_files
@@ -78,8 +79,8 @@ def mcore_to_hf(
         config["vocab_size"] = rows
         config["torch_dtype"] = config["dtype"] = _HF_DTYPE[dtype]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        source = Path(tokenizer) if tokenizer is not None else directory / mcore_io.TOKENIZER_DIR
+        source = Path(tokenizer) if tokenizer is not None else directory / ckpt_format.TOKENIZER_DIR
         if not source.is_dir() and tokenizer is None:
-            source = directory.parent / mcore_io.TOKENIZER_DIR
+            source = directory.parent / ckpt_format.TOKENIZER_DIR
         copy_tokenizer_files(source, tmp)
     return directory

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from olmoe_megatron.checkpoint import format as ckpt_format
 from olmoe_megatron.convert import mcore_io
 from olmoe_megatron.convert.errors import ConversionError, atomic_output_dir, list_keys
 from olmoe_megatron.model.config import ModelConfig
@@ -70,7 +71,7 @@ def upcycle(
     overwrite: bool = False,
 ) -> ModelConfig:
     """Writes the upcycled MoE checkpoint at `out`; returns its ModelConfig."""
-    from olmoe_megatron.training.dist_ckpt import save_model
+    from olmoe_megatron.checkpoint.weights import save_model
 
     if noise_std < 0:
         raise ConversionError(f"--noise={noise_std} must be >= 0")
@@ -102,12 +103,12 @@ def upcycle(
         if unfilled:
             raise ConversionError(f"upcycling left model parameters unset: {list_keys(unfilled)}")
         save_model([chunk], tmp)
-        mcore_io.write_model_config(tmp, moe)
-        tokenizer = directory / mcore_io.TOKENIZER_DIR
+        ckpt_format.write_model_config(tmp, moe)
+        tokenizer = directory / ckpt_format.TOKENIZER_DIR
         if tokenizer.is_dir():
             from olmoe_megatron.convert.safetensors_io import copy_tokenizer_files
 
-            copy_tokenizer_files(tokenizer, tmp / mcore_io.TOKENIZER_DIR)
+            copy_tokenizer_files(tokenizer, tmp / ckpt_format.TOKENIZER_DIR)
     logger.info("upcycled %s: %d experts, top-%d, fc2 x %.4g, router noise std %g",
                 directory, num_experts, top_k, expert_output_scale(num_experts=num_experts, top_k=top_k), noise_std)
     return moe

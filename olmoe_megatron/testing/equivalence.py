@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from olmoe_megatron.checkpoint.weights import load_model, save_model
 from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
 from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.precision import PrecisionConfig
 from olmoe_megatron.parallel.context import initialize
 from olmoe_megatron.parallel.layout import ParallelLayout
 from olmoe_megatron.training.config import TrainConfig
-from olmoe_megatron.training.dist_ckpt import load_model, save_model
 from olmoe_megatron.training.schedule import learning_rate
 from olmoe_megatron.training.step import (
     attach_training_hooks,

@@ -85,11 +85,11 @@ def random_tokens(*, num_sequences: int, seq_length: int, vocab_size: int, seed:
 
 # ----------------------------------------------------------------------------- our side
 def _build_and_load(model: ModelConfig, layout_dict: dict, checkpoint: str):
+    from olmoe_megatron.checkpoint.weights import load_model
     from olmoe_megatron.model.build import build_model_chunks
     from olmoe_megatron.model.precision import PrecisionConfig
     from olmoe_megatron.parallel.context import initialize
     from olmoe_megatron.parallel.layout import ParallelLayout
-    from olmoe_megatron.training.dist_ckpt import load_model
 
     context = initialize(ParallelLayout.from_dict(layout_dict), model, seed=SEED, backend="gloo")
     chunks = build_model_chunks(model, context, precision=PrecisionConfig(dtype="fp32", spec="local"))
@@ -145,7 +145,7 @@ def layout_outputs(model_dict: dict, layout_dict: dict, *, checkpoint: str, toke
 
     `save_to`: also save the loaded weights from this layout (to export a checkpoint saved with EP > 1).
     """
-    from olmoe_megatron.training.dist_ckpt import save_model
+    from olmoe_megatron.checkpoint.weights import save_model
     from olmoe_megatron.training.step import eval_loss
 
     model = ModelConfig.from_dict(model_dict)
@@ -176,12 +176,12 @@ def router_losses(model_dict: dict, *, checkpoint: str, tokens: torch.Tensor) ->
 
 def save_random_model(model: ModelConfig, directory: str | Path, *, seed: int = 0) -> Path:
     """A freshly initialised fp32 model of ours saved as a model checkpoint (world of one)."""
-    from olmoe_megatron.convert.mcore_io import write_model_config
+    from olmoe_megatron.checkpoint.format import write_model_config
+    from olmoe_megatron.checkpoint.weights import save_model
     from olmoe_megatron.model.build import build_model_chunks
     from olmoe_megatron.model.precision import PrecisionConfig
     from olmoe_megatron.parallel.context import initialize
     from olmoe_megatron.parallel.layout import ParallelLayout
-    from olmoe_megatron.training.dist_ckpt import save_model
 
     context = initialize(ParallelLayout(), model, seed=seed, backend="gloo")
     chunks = build_model_chunks(model, context, precision=PrecisionConfig(dtype="fp32", spec="local"))

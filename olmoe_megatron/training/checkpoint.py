@@ -1,16 +1,14 @@
 """Training checkpoints: model, optimizer, progress and RNG states, committed atomically.
 
-Layout of a checkpoint root:
-    ROOT/step_0000100/          a committed checkpoint (Megatron dist_checkpointing, torch_dist)
+The directory layout is `olmoe_megatron.checkpoint.format`'s; a training checkpoint adds
     ROOT/step_0000100/rng/      per-rank RNG states (restored when the world size is unchanged)
-    ROOT/step_0000100/olmoe_run.yaml   the run config that wrote it
-    ROOT/latest                 name of the newest committed step directory
 
 A save writes everything into ROOT/.step_0000100.tmp, flushes it, renames it to step_0000100 and
 only then replaces `latest` (write + fsync + rename). A process killed during a save therefore
 leaves the previous checkpoint, and `latest`, intact; stale temporary directories are removed by
 the next save. The model and optimizer keys are global, so a checkpoint saved in one parallel
 layout loads into another (the distributed optimizer uses the 'fully_reshardable' format).
+What a run loads at start is decided by `olmoe_megatron.checkpoint.plan`.
 """
 
 from __future__ import annotations
@@ -20,8 +18,8 @@ import logging
 import os
 import random
 import shutil
-import signal
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,18 +27,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import StrictHandling
 
+from olmoe_megatron.checkpoint.format import LATEST, step_dir_name, write_model_config, write_run_config
+from olmoe_megatron.checkpoint.weights import load_model_state, model_sharded_state_dict
 from olmoe_megatron.config import ConfigError
-from olmoe_megatron.config.base import dump_yaml
-from olmoe_megatron.training.dist_ckpt import load_model_state, model_sharded_state_dict
 from olmoe_megatron.training.step import use_fused_adamw
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
-RUN_FILE = "olmoe_run.yaml"
-MODEL_FILE = "olmoe_model.yaml"
-#: Test hook: the step whose save the process dies in (after writing, before the commit).
-FAULT_DIE_DURING_SAVE_ENV = "OLMOE_FAULT_DIE_DURING_SAVE"
 # Megatron's recommended reshardable format for the distributed optimizer (its loader needs the
 # CPU backend's `dist_opt_step_state` fix without apex/TE; 'fully_sharded_model_space' fails to
 # save in 0.16.1: "ShardedTensor.flattened_range is not supported").
@@ -57,38 +50,6 @@ class Progress:
     consumed_samples: int = 0
     tokens: int = 0
     nonfinite_streak: int = 0
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def resolve_load_path(spec: str | None, checkpoint_dir: str | None) -> Path | None:
-    """'latest' -> ROOT/<latest> (None if there is none yet); a root with `latest` -> its newest
-    step; otherwise the path itself (a step or model-only checkpoint)."""
-    if spec is None:
-        return None
-    if spec == "latest":
-        if checkpoint_dir is None:
-            return None
-        root = Path(checkpoint_dir)
-        return _read_latest(root)
-    path = Path(spec)
-    if (path / LATEST).is_file():
-        return _read_latest(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint.load={spec!r}: no such checkpoint directory")
-    return path
-
-
-def _read_latest(root: Path) -> Path | None:
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    target = root / pointer.read_text().strip()
-    if not target.is_dir():
-        raise FileNotFoundError(f"{pointer} names {target.name}, which does not exist")
-    return target
 
 
 def _rng_state() -> dict:
@@ -131,8 +92,14 @@ def save_checkpoint(
     progress: Progress,
     run_config,
     keep_last: int,
+    before_commit: Callable[[Progress], None] | None = None,
 ) -> Path:
-    """Saves and commits a checkpoint of `progress.step` (collective: every rank calls it)."""
+    """Saves and commits a checkpoint of `progress.step` (collective: every rank calls it).
+
+    Args:
+        before_commit: called on every rank once its model and optimizer shards are written to
+            the temporary directory, before anything is committed (the test fault hooks use it).
+    """
     root = Path(root)
     name = step_dir_name(progress.step)
     final = root / name
@@ -155,16 +122,14 @@ def save_checkpoint(
         "optimizer_parts": _optimizer_parts(optimizer),
     }
     dist_checkpointing.save(state, str(tmp))
-    if os.environ.get(FAULT_DIE_DURING_SAVE_ENV) == str(progress.step):
-        # Test hook: the node dies with the new checkpoint half-written (every process of this
-        # process group, including the checkpoint writer's helper, is killed at once).
-        os.killpg(0, signal.SIGKILL)
+    if before_commit is not None:
+        before_commit(progress)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        (tmp / RUN_FILE).write_text(dump_yaml(run_config))
-        (tmp / MODEL_FILE).write_text(dump_yaml(run_config.model))
+        write_run_config(tmp, run_config)
+        write_model_config(tmp, run_config.model)
         _fsync_tree(tmp)
         os.rename(tmp, final)
         pointer_tmp = root / f".{LATEST}.tmp"

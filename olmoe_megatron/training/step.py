@@ -119,28 +119,18 @@ class StepResult:
         return math.isfinite(self.lm_loss) and math.isfinite(self.grad_norm)
 
 
-def _make_forward_step(*, poison: bool = False):
-    """Megatron's forward_step_func: masked mean cross-entropy of the micro-batch.
+def _forward_step(data_iterator, model):
+    """Megatron's forward_step_func: masked mean cross-entropy of the micro-batch."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    loss_mask = batch["loss_mask"]
 
-    `poison` multiplies the loss by NaN: fault injection that exercises the non-finite path
-    (backward fills the gradients with NaN, as a real divergence does).
-    """
+    def loss_func(per_token_loss):
+        mask = loss_mask.reshape(-1).float()
+        loss = torch.sum(per_token_loss.reshape(-1).float() * mask) / mask.sum().clamp_min(1.0)
+        return loss, {"lm_loss": loss.detach().clone()}
 
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        loss_mask = batch["loss_mask"]
-
-        def loss_func(per_token_loss):
-            mask = loss_mask.reshape(-1).float()
-            loss = torch.sum(per_token_loss.reshape(-1).float() * mask) / mask.sum().clamp_min(1.0)
-            if poison:
-                loss = loss * float("nan")
-            return loss, {"lm_loss": loss.detach().clone()}
-
-        return output, loss_func
-
-    return forward_step
+    return output, loss_func
 
 
 def _mean_lm_loss(losses: list[dict], context: ParallelContext) -> float:
@@ -155,7 +145,7 @@ def _mean_lm_loss(losses: list[dict], context: ParallelContext) -> float:
     return float(value / dist.get_world_size(context.groups.dp_cp))
 
 
-def _fold_batch(batch: dict, device: torch.device) -> dict:
+def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -166,15 +156,14 @@ def run_forward_backward(
     *,
     seq_length: int,
     forward_only: bool = False,
-    poison: bool = False,
 ) -> list[dict]:
     """Megatron's schedule (no pipeline, 1F1B or interleaved) over this rank's micro-batches."""
     forward_backward = get_forward_backward_func()
-    batches = [_fold_batch(b, context.device) for b in micro_batches]
+    batches = [_to_device(b, context.device) for b in micro_batches]
     micro_batch_size = batches[0]["tokens"].shape[0]
     iterator: Iterable = [iter(batches) for _ in models] if len(models) > 1 else iter(batches)
     return forward_backward(
-        forward_step_func=_make_forward_step(poison=poison),
+        forward_step_func=_forward_step,
         data_iterator=iterator,
         model=models if len(models) > 1 else models[0],
         num_microbatches=len(batches),
@@ -194,7 +183,6 @@ def train_step(
     model_config: ModelConfig,
     seq_length: int,
     expert_load: ExpertLoadCounter | None = None,
-    poison: bool = False,
 ) -> StepResult:
     """Forward/backward over `micro_batches`, gradient reduction, one optimizer update.
 
@@ -204,7 +192,7 @@ def train_step(
     for model in models:
         model.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_forward_backward(models, micro_batches, context, seq_length=seq_length, poison=poison)
+    losses = run_forward_backward(models, micro_batches, context, seq_length=seq_length)
     lm_loss = _mean_lm_loss(losses, context)
     router = reduce_router_losses(model_config, context, num_microbatches=len(micro_batches))
     load = expert_load.reduce_and_reset(context) if expert_load is not None else None

@@ -20,21 +20,20 @@ import time
 import torch
 import torch.distributed as dist
 
+from olmoe_megatron.checkpoint.plan import plan_load
 from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
 from olmoe_megatron.parallel import cpu_perf
 from olmoe_megatron.parallel.context import ParallelContext, initialize
 from olmoe_megatron.run_config import RunConfig
-from olmoe_megatron.training.checkpoint import Progress, load_checkpoint, resolve_load_path, save_checkpoint
+from olmoe_megatron.training.checkpoint import Progress, load_checkpoint, save_checkpoint
 from olmoe_megatron.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+from olmoe_megatron.training.faults import Faults
 from olmoe_megatron.training.metrics import MetricsWriter, job_peak_flops
 from olmoe_megatron.training.moe_metrics import ExpertLoadCounter
 from olmoe_megatron.training.schedule import learning_rate
 from olmoe_megatron.training.step import attach_training_hooks, build_optimizer, set_learning_rate, train_step, wrap_ddp
 
 logger = logging.getLogger(__name__)
-
-#: Test hook: comma-separated steps (1-based) whose loss is poisoned with NaN.
-FAULT_NAN_STEPS_ENV = "OLMOE_FAULT_NAN_STEPS"
 
 
 class _StopSignal:
@@ -63,20 +62,16 @@ def total_steps(run: RunConfig) -> int:
     return math.ceil(train.max_tokens / train.tokens_per_step)
 
 
-def _fault_steps() -> set[int]:
-    raw = os.environ.get(FAULT_NAN_STEPS_ENV, "")
-    return {int(s) for s in raw.split(",") if s.strip()}
-
-
 def train(run: RunConfig) -> int:
     """Trains `run` on the ranks of this torchrun/Slurm job; returns the process exit code."""
     from olmoe_megatron.data.loader import MicroBatchIterator
 
+    faults = Faults.from_env()  # test-only; a no-op without its environment variables
     stop_signal = _StopSignal()
     context = initialize(run.parallel, run.model, seed=run.train.seed,
                          timeout_minutes=run.train.collective_timeout_minutes)
     run.validate_world_size(context.world_size, backend=context.backend)
-    if context.backend == "gloo":
+    if not context.uses_cuda:
         cpu_perf.tune_malloc()  # a training step's buffers stay in the process (see cpu_perf)
     if not context.is_logging_rank:
         logging.getLogger().setLevel(logging.WARNING)
@@ -86,24 +81,15 @@ def train(run: RunConfig) -> int:
     models = wrap_ddp(chunks, config, train=train_cfg, precision=run.precision)
     optimizer = build_optimizer(models, train=train_cfg, precision=run.precision)
     attach_training_hooks(config, models, optimizer)
+    faults.attach(chunks)
 
     progress = Progress()
-    if run.checkpoint.init_from is not None:
-        own = resolve_load_path("latest", run.checkpoint.dir)
-        if own is None:
-            # A new run from trained weights: the optimizer, schedule and data position start fresh.
-            init_path = resolve_load_path(run.checkpoint.init_from, None)
-            load_checkpoint(init_path, models=models, optimizer=optimizer, load_optimizer=False)
-            logger.info("new run from the weights of %s (fresh optimizer, schedule and data order)", init_path)
-        else:  # this run has saved before (a restart): resume it with all its state
-            progress = load_checkpoint(own, models=models, optimizer=optimizer, load_optimizer=True)
-    else:
-        load_path = resolve_load_path(run.checkpoint.load, run.checkpoint.dir)
-        if load_path is not None:
-            progress = load_checkpoint(load_path, models=models, optimizer=optimizer,
-                                       load_optimizer=run.checkpoint.load_optimizer)
-            if run.checkpoint.reset_data_position:
-                progress.consumed_samples = 0
+    plan = plan_load(run.checkpoint)
+    logger.info("checkpoint: %s", plan.reason)
+    if plan.path is not None:
+        progress = load_checkpoint(plan.path, models=models, optimizer=optimizer, load_optimizer=plan.load_optimizer)
+        if plan.reset_data_position:
+            progress.consumed_samples = 0
     steps = total_steps(run)
     dataset = _build_dataset(run, context, num_samples=max(steps, 1) * train_cfg.global_batch_size)
     batches = MicroBatchIterator(dataset, global_batch_size=train_cfg.global_batch_size,
@@ -125,9 +111,8 @@ def train(run: RunConfig) -> int:
     def save() -> None:
         if run.checkpoint.dir:
             save_checkpoint(run.checkpoint.dir, models=models, optimizer=optimizer, progress=progress,
-                            run_config=run, keep_last=run.checkpoint.keep_last)
+                            run_config=run, keep_last=run.checkpoint.keep_last, before_commit=faults.before_commit)
 
-    fault_steps = _fault_steps()
     exit_code = EXIT_OK
     saved_at = progress.step
     batch_iter = iter(batches)
@@ -136,10 +121,10 @@ def train(run: RunConfig) -> int:
             micro_batches = next(batch_iter)
             lr = learning_rate(train_cfg, progress.tokens)
             set_learning_rate(optimizer, lr)
+            faults.arm(progress.step + 1)
             start = time.perf_counter()
             result = train_step(models, optimizer, micro_batches, context, model_config=model_cfg,
-                                seq_length=train_cfg.seq_length, expert_load=load_counter,
-                                poison=(progress.step + 1) in fault_steps)
+                                seq_length=train_cfg.seq_length, expert_load=load_counter)
             elapsed = time.perf_counter() - start
             progress.step += 1
             progress.consumed_samples += train_cfg.global_batch_size
@@ -152,7 +137,7 @@ def train(run: RunConfig) -> int:
                 "step_time_s": elapsed, "tokens_per_s": tokens_per_s,
                 "model_tflops": tokens_per_s * flops_per_token / 1e12,
                 "mfu": tokens_per_s * flops_per_token / peak_flops, "skipped": not result.updated,
-                "peak_mem_bytes": _peak_memory_bytes(), "layout": run.parallel.describe(context.world_size),
+                "peak_mem_bytes": _peak_memory_bytes(context), "layout": run.parallel.describe(context.world_size),
                 "expert_load": result.expert_load,
             })
             if not result.finite:
@@ -194,8 +179,8 @@ def _build_dataset(run: RunConfig, context: ParallelContext, *, num_samples: int
     return dataset if dataset is not None else run.data.build(**kwargs)
 
 
-def _peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
+def _peak_memory_bytes(context: ParallelContext) -> int:
+    if context.uses_cuda:
         return int(torch.cuda.max_memory_allocated())
     import resource
 

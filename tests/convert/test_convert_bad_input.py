@@ -102,6 +102,19 @@ def test_not_a_checkpoint_and_wrong_architecture(converted, tmp_path):
     _assert_nothing_written(tmp_path / "out")
 
 
+def test_checkpoint_format_errors_are_conversion_errors(tmp_path):
+    """The shared checkpoint format's errors reach the converter's caller as ConversionError."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "latest").write_text("step_0000009\n")
+    with pytest.raises(ConversionError, match=r"latest names step_0000009, which does not exist"):
+        mcore_to_hf(tmp_path / "root", tmp_path / "out")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "metadata.json").write_text("{}")
+    with pytest.raises(ConversionError, match=r"no olmoe_model.yaml or olmoe_run.yaml .* pass --model-config PATH"):
+        mcore_to_hf(tmp_path / "bare", tmp_path / "out")
+    _assert_nothing_written(tmp_path / "out")
+
+
 def test_failure_inside_the_output_block_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with atomic_output_dir(tmp_path / "out") as tmp:

@@ -70,8 +70,8 @@ def test_tp2_ep2_pp2_equals_hf(converted, reference, pools):
 
 
 def test_load_balancing_normalisations(converted, reference):
-    """HF pools layers and sums top-k slots; ours is megablocks' mean over layers (see convert/losses.py)."""
-    from olmoe_megatron.convert.losses import hf_lb_from_stats, olmoe_lb_from_stats, routing_statistics
+    """HF pools layers and sums top-k slots; ours is megablocks' mean over layers (see testing/lb_loss.py)."""
+    from olmoe_megatron.testing.lb_loss import hf_lb_from_stats, olmoe_lb_from_stats, routing_statistics
 
     model, _, ckpt = converted["olmoe_small"]
     tokens, hf = reference["olmoe_small"]

@@ -1,0 +1,75 @@
+"""The checkpoint directory format, shared by training and the converters.
+
+Layout of a checkpoint root (written by training):
+    ROOT/step_0000100/                 a committed checkpoint (Megatron dist_checkpointing, torch_dist)
+    ROOT/step_0000100/olmoe_run.yaml   the run config that wrote it
+    ROOT/step_0000100/olmoe_model.yaml its model config
+    ROOT/latest                        name of the newest committed step directory
+
+A model checkpoint (written by a converter) is one such directory with `olmoe_model.yaml` and,
+when the source had one, the tokenizer files in `hf_tokenizer/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from olmoe_megatron.config.base import Config, dump_yaml, load_yaml
+from olmoe_megatron.model.config import ModelConfig
+
+LATEST = "latest"
+RUN_FILE = "olmoe_run.yaml"
+MODEL_FILE = "olmoe_model.yaml"
+TOKENIZER_DIR = "hf_tokenizer"
+
+
+class CheckpointFormatError(FileNotFoundError):
+    """A checkpoint path lacks what the format promises (a step `latest` names, a config file).
+
+    Callers with their own error type (the converters' ConversionError) translate it; the
+    message names the path and what is missing.
+    """
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def read_latest(root: str | Path) -> Path | None:
+    """The step directory ROOT/latest names; None when ROOT has no `latest` (nothing saved yet)."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    target = Path(root) / pointer.read_text().strip()
+    if not target.is_dir():
+        raise CheckpointFormatError(f"{pointer} names {target.name}, which does not exist")
+    return target
+
+
+def follow_latest(path: str | Path) -> Path:
+    """A root with `latest` -> its newest step directory; any other path -> itself (unchecked)."""
+    return read_latest(path) or Path(path)
+
+
+def read_model_config(ckpt: str | Path) -> ModelConfig:
+    """The checkpoint's ModelConfig: olmoe_model.yaml, else olmoe_run.yaml's model (dir, then parent)."""
+    ckpt = Path(ckpt)
+    for directory in (ckpt, ckpt.parent):
+        if (directory / MODEL_FILE).is_file():
+            return load_yaml(ModelConfig, directory / MODEL_FILE)
+        if (directory / RUN_FILE).is_file():
+            from olmoe_megatron.run_config import RunConfig
+
+            return load_yaml(RunConfig, directory / RUN_FILE).model
+    raise CheckpointFormatError(
+        f"no {MODEL_FILE} or {RUN_FILE} in {ckpt} or {ckpt.parent}: the architecture is unknown"
+    )
+
+
+def write_model_config(directory: str | Path, model: ModelConfig) -> None:
+    (Path(directory) / MODEL_FILE).write_text(dump_yaml(model))
+
+
+def write_run_config(directory: str | Path, run: Config) -> None:
+    """The run config that wrote a training checkpoint (a RunConfig)."""
+    (Path(directory) / RUN_FILE).write_text(dump_yaml(run))
