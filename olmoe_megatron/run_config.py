@@ -37,20 +37,8 @@ class RunConfig(Config):
                 "train.schedule='anneal' starts a new run from trained weights, but no checkpoint is given: "
                 "set --checkpoint.init_from=PRETRAINED_CHECKPOINT (with a new --data.seed to reshuffle the data)"
             )
-        # Layout rules that need only the model (world size comes later).
-        layout = self.parallel
-        stages = layout.pp * (layout.vpp or 1)
-        if self.model.num_layers % stages:
-            raise ConfigError(
-                f"model.num_layers={self.model.num_layers} must be divisible by pipeline_parallel*"
-                f"virtual_pipeline_parallel={stages}"
-            )
-        if self.model.is_moe and self.model.num_experts % layout.ep:
-            options = [d for d in range(1, self.model.num_experts + 1) if self.model.num_experts % d == 0]
-            raise ConfigError(
-                f"parallel.expert_parallel={layout.ep} must divide model.num_experts={self.model.num_experts}; "
-                f"use one of {', '.join(map(str, options))}"
-            )
+        # The layout's rules that need only the model (the world size comes later): parallel/layout.py.
+        self.parallel.validate(self.model)
 
     def num_microbatches(self, world_size: int) -> int:
         dp = self.parallel.data_parallel_size(world_size)

@@ -3,32 +3,22 @@
 Degrees: tensor (tp), pipeline (pp) with optional virtual stages (vpp), context (cp), expert (ep),
 expert-tensor (etp) and data (dp, derived from the world size). `validate(model, world_size)`
 enforces Megatron-Core's rules before any process group exists, with errors that name the field,
-the value, the rule and a fix.
+the value, the rule and a fix. This is the one home of those rules: the run config, the dry-run
+and the converters call it (with or without a world size) rather than restating any of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING
 
-from olmoe_megatron.config import Config, ConfigError
+from olmoe_megatron.config import Config, ConfigError, divisors, one_of
 
 if TYPE_CHECKING:
     from olmoe_megatron.model.config import ModelConfig
 
 _AXES = ("tp", "cp", "ep", "dp", "pp")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _fmt(options: list[int]) -> str:
-    if not options:
-        return "none"
-    if len(options) == 1:
-        return str(options[0])
-    return ", ".join(map(str, options[:-1])) + " or " + str(options[-1])
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -84,11 +74,21 @@ class ParallelLayout(Config):
         """Ranks that hold one copy of the dense part of the model (tp * pp * cp)."""
         return self.tp * self.pp * self.cp
 
+    @property
+    def expert_model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the experts (etp * ep * pp)."""
+        return self.etp * self.ep * self.pp
+
+    @property
+    def smallest_world_size(self) -> int:
+        """The fewest ranks this layout runs on: a multiple of both model-parallel sizes."""
+        return math.lcm(self.model_parallel_size, self.expert_model_parallel_size)
+
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size
 
     def expert_data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.etp * self.ep * self.pp)
+        return world_size // self.expert_model_parallel_size
 
     def use_batch_p2p_comm(self, *, backend: str) -> bool:
         """Megatron's default batches p2p ops; over gloo that corrupts interleaved pipelines."""
@@ -109,16 +109,22 @@ class ParallelLayout(Config):
 
     # --------------------------------------------------------------- rules
     def validate(
-        self, model: ModelConfig | None = None, world_size: int | None = None, *, backend: str = "nccl"
+        self, model: ModelConfig | None = None, world_size: int | None = None, *, backend: str | None = None
     ) -> None:
         """Raises ConfigError if the layout breaks a rule.
 
-        Without arguments only the layout's own rules are checked (this runs on construction);
-        with a model and a world size, also Megatron-Core's rules for running that model there.
+        Without arguments only the layout's own rules are checked (this runs on construction); with
+        a model, also Megatron-Core's rules for that model (the run config checks these); with a
+        world size, also those of running there; with a backend ('gloo' or 'nccl'), also what that
+        backend cannot do.
         """
         self._validate_own()
-        if model is not None and world_size is not None:
-            self._validate_against(model, world_size, backend=backend)
+        if model is not None:
+            if world_size is not None:
+                self._validate_world(model, world_size)
+            self._validate_for_model(model)
+        if backend is not None:
+            self._validate_backend(backend)
 
     def _validate_own(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
@@ -147,7 +153,7 @@ class ParallelLayout(Config):
                 "e.g. 'tp-cp-ep-dp-pp' (Megatron's default)"
             )
 
-    def _validate_against(self, model: ModelConfig, world_size: int, *, backend: str) -> None:
+    def _validate_world(self, model: ModelConfig, world_size: int) -> None:
         if world_size < 1:
             raise ConfigError(f"world_size={world_size} must be >= 1")
         mp = self.model_parallel_size
@@ -156,42 +162,44 @@ class ParallelLayout(Config):
             raise ConfigError(
                 f"world_size={world_size} must be a multiple of tensor_parallel*pipeline_parallel*"
                 f"context_parallel={self.tp}*{self.pp}*{self.cp}={mp}; use a world size of "
-                f"{_fmt(fits[:4])}, or change the layout"
+                f"{one_of(fits[:4])}, or change the layout"
             )
-        expert_mp = self.etp * self.ep * self.pp
+        expert_mp = self.expert_model_parallel_size
         if world_size % expert_mp:
-            ok_ep = [e for e in _divisors(world_size // max(1, self.etp * self.pp)) if model.num_experts % max(e, 1) == 0]
+            ok_ep = [e for e in divisors(world_size // max(1, self.etp * self.pp)) if model.num_experts % max(e, 1) == 0]
             raise ConfigError(
                 f"world_size={world_size} must be a multiple of expert_tensor_parallel*expert_parallel*"
                 f"pipeline_parallel={self.etp}*{self.ep}*{self.pp}={expert_mp}; try "
-                f"parallel.expert_parallel in {_fmt(ok_ep)}"
+                f"parallel.expert_parallel in {one_of(ok_ep)}"
             )
+
+    def _validate_for_model(self, model: ModelConfig) -> None:
         if model.num_heads % self.tp:
             raise ConfigError(
                 f"parallel.tensor_parallel={self.tp} must divide model.num_heads={model.num_heads}; "
-                f"use one of {_fmt(_divisors(model.num_heads))}"
+                f"use one of {one_of(divisors(model.num_heads))}"
             )
         if model.kv_heads % self.tp:
             raise ConfigError(
                 f"parallel.tensor_parallel={self.tp} must divide model.num_kv_heads={model.kv_heads} "
-                f"(full-width QK-norm shards k by whole heads); use one of {_fmt(_divisors(model.kv_heads))}"
+                f"(full-width QK-norm shards k by whole heads); use one of {one_of(divisors(model.kv_heads))}"
             )
         if model.padded_vocab_size % self.tp:
             raise ConfigError(
                 f"model.padded_vocab_size={model.padded_vocab_size} must be divisible by "
                 f"parallel.tensor_parallel={self.tp}; use a tensor_parallel in "
-                f"{_fmt([d for d in _divisors(model.padded_vocab_size) if d <= 64])}"
+                f"{one_of([d for d in divisors(model.padded_vocab_size) if d <= 64])}"
             )
         if model.is_moe:
             if model.num_experts % self.ep:
                 raise ConfigError(
                     f"parallel.expert_parallel={self.ep} must divide model.num_experts={model.num_experts}; "
-                    f"use one of {_fmt(_divisors(model.num_experts))}"
+                    f"use one of {one_of(divisors(model.num_experts))}"
                 )
             if model.expert_ffn_hidden_size % self.etp:
                 raise ConfigError(
                     f"parallel.expert_tensor_parallel={self.etp} must divide model.expert_ffn_hidden_size="
-                    f"{model.expert_ffn_hidden_size}; use one of {_fmt(_divisors(model.expert_ffn_hidden_size)[:8])}"
+                    f"{model.expert_ffn_hidden_size}; use one of {one_of(divisors(model.expert_ffn_hidden_size)[:8])}"
                 )
             if self.tp > 1 and not self.sequence_parallel:
                 raise ConfigError(
@@ -214,8 +222,10 @@ class ParallelLayout(Config):
             raise ConfigError(
                 f"model.num_layers={model.num_layers} must be divisible by pipeline_parallel*"
                 f"virtual_pipeline_parallel={self.pp}*{self.vpp or 1}={stages}; use pipeline_parallel in "
-                f"{_fmt([d for d in _divisors(model.num_layers) if d > 1] or [1])}"
+                f"{one_of([d for d in divisors(model.num_layers) if d > 1] or [1])}"
             )
+
+    def _validate_backend(self, backend: str) -> None:
         if self.vpp and self.vpp > 1 and backend == "gloo" and self.batch_p2p_comm:
             raise ConfigError(
                 "parallel.batch_p2p_comm=true with parallel.virtual_pipeline_parallel="

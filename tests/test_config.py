@@ -1,5 +1,7 @@
 """Config machinery: dotted overrides, unknown keys, YAML round trips, error messages."""
 
+import argparse
+
 import pytest
 
 from olmoe_megatron.config import ConfigError
@@ -94,3 +96,30 @@ def test_anneal_and_init_from_rules():
         run.with_overrides(["checkpoint.init_from=/a", "checkpoint.load=/b", "checkpoint.dir=/d"])
     ok = run.with_overrides(["train.schedule=anneal", "checkpoint.init_from=/a", "checkpoint.dir=/d", "data.seed=7"])
     assert (ok.checkpoint.init_from, ok.train.schedule, ok.data.seed) == ("/a", "anneal", 7)
+
+
+def test_layout_rules_checked_once_with_the_layouts_own_messages():
+    """The run config asks parallel/layout.py (no restated rule): the same message at config time as at launch."""
+    from olmoe_megatron.parallel.layout import ParallelLayout
+
+    model = get_recipe("olmoe_1b_7b").model
+    cases = [("parallel.pipeline_parallel=3", dict(pipeline_parallel=3)),
+             ("parallel.expert_parallel=3", dict(expert_parallel=3)),
+             ("parallel.tensor_parallel=3", dict(tensor_parallel=3, sequence_parallel=True))]
+    for override, layout in cases:
+        with pytest.raises(ConfigError) as at_config:
+            get_recipe("olmoe_1b_7b").with_overrides([override, *(["parallel.sequence_parallel=true"]
+                                                                   if "tensor" in override else [])])
+        with pytest.raises(ConfigError) as at_launch:
+            ParallelLayout(**layout).validate(model, ParallelLayout(**layout).smallest_world_size)
+        assert str(at_config.value) == str(at_launch.value), override
+
+
+def test_a_rule_spanning_the_file_and_the_flags_is_judged_on_the_result(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("parallel:\n  tensor_parallel: 2\n")
+    args = argparse.Namespace(recipe="olmoe_tiny", config=str(path), overrides=["--parallel.sequence_parallel=true"])
+    run = resolve_run_config(args)
+    assert (run.parallel.tp, run.parallel.sequence_parallel) == (2, True)
+    with pytest.raises(ConfigError, match=r"run.yaml: parallel.sequence_parallel=false with parallel.tensor_parallel=2"):
+        resolve_run_config(argparse.Namespace(recipe="olmoe_tiny", config=str(path), overrides=[]))

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     run_config = resolve_run_config(args)
     layout = run_config.parallel
-    world = args.world_size or _smallest_world(run_config)
+    world = args.world_size if args.world_size is not None else layout.smallest_world_size
     run_config.validate_world_size(world)
     model = run_config.model
     if not args.quiet_config:
@@ -48,11 +48,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {label:<36}{value}")
     return 0
 
-
-def _smallest_world(run_config) -> int:
-    layout = run_config.parallel
-    import math
-
-    dense = layout.model_parallel_size
-    expert = layout.etp * layout.ep * layout.pp
-    return dense * expert // math.gcd(dense, expert)

@@ -6,7 +6,9 @@ from olmoe_megatron.config.base import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    divisors,
     load_yaml,
+    one_of,
     parse_override_args,
 )
 
@@ -16,6 +18,8 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "divisors",
     "load_yaml",
+    "one_of",
     "parse_override_args",
 ]

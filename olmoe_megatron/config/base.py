@@ -23,6 +23,20 @@ class ConfigError(ValueError):
     """A config value breaks a rule. The message names the field, the value, the rule and a fix."""
 
 
+def divisors(n: int) -> list[int]:
+    """The positive divisors of n, ascending (the values a "must divide" rule allows)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def one_of(options: list[int]) -> str:
+    """'1, 2 or 4': a readable list of allowed values for an error message."""
+    if not options:
+        return "none"
+    if len(options) == 1:
+        return str(options[0])
+    return ", ".join(map(str, options[:-1])) + " or " + str(options[-1])
+
+
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class Config:
     """Base of every config: validation on construction, dict/YAML round trips, dotted overrides."""

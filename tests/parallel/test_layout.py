@@ -17,6 +17,9 @@ def test_derived_degrees():
     assert ParallelLayout(tensor_parallel=2, expert_tensor_parallel=1, expert_parallel=2,
                           sequence_parallel=True).expert_data_parallel_size(4) == 2
     layout.validate(OLMOE, 32)
+    assert layout.smallest_world_size == 16  # lcm(tp*pp*cp = 4, etp*ep*pp = 16)
+    assert ParallelLayout(tensor_parallel=2, pipeline_parallel=3, expert_parallel=2, expert_tensor_parallel=1,
+                          sequence_parallel=True).smallest_world_size == 6  # lcm(6, 6)
 
 
 @pytest.mark.parametrize(
