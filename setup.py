@@ -35,7 +35,8 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir={"olmoe_megatron": "olmoe_megatron", **_SUBPACKAGES},
-    package_data={"olmoe_megatron": ["recipes/*.yaml", "golden/*.json", "model/cpu_kernels.c"]},
+    # The C source of the CPU kernels, compiled on first use (olmoe_megatron/ops/cpu).
+    package_data={"olmoe_megatron": ["ops/cpu/kernels.c"]},
     install_requires=[
         # CPU machines: 2.13.0 from local disk; clusters: any CUDA build >= 2.6.
         "torch>=2.6",
@@ -47,7 +48,6 @@ setup(
         "tokenizers>=0.15",
         "zstandard>=0.21",  # olmoe prep tokenize: .jsonl.zst inputs
         "pyarrow>=14",  # olmoe prep tokenize: parquet inputs
-        "pytest>=7",
     ],
     extras_require={
         # Transformer Engine needs a CUDA torch; never install it on a CPU machine
@@ -57,6 +57,7 @@ setup(
         "hf": ["transformers>=4.46", "safetensors>=0.4"],
         "plot": ["matplotlib>=3.7"],
         "tb": ["tensorboard>=2.14"],
+        "test": ["pytest>=7"],
     },
     entry_points={"console_scripts": ["olmoe=olmoe_megatron.launcher.cli:main"]},
 )

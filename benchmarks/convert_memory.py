@@ -13,18 +13,14 @@ layer's bytes); mcore-to-hf holds one layer plus the embeddings (its slope is ab
 Usage: python benchmarks/convert_memory.py --json out.json [--layers 2,4] [--workdir /tmp/convert_bench]
 """
 
+import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
-
-# benchmarks/tokenize.py would shadow the standard library's tokenize module: drop this directory.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+from pathlib import Path
 
 FULL_LAYERS = 16
 

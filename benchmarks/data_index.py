@@ -11,20 +11,15 @@ index array is linear in tokens or documents).
 Usage: python benchmarks/data_index.py --json out.json [--tokens 100e9] [--mean-doc-tokens 1024]
 """
 
-import os
+import argparse
+import json
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# benchmarks/tokenize.py would shadow the standard library's tokenize module: drop this directory.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 SEQ_LENGTH = 4096
 TARGET_TOKENS = 5e12

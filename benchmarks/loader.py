@@ -8,19 +8,14 @@ trainer consumes at --trainer-tokens-per-s.
 Usage: python benchmarks/loader.py --json out.json [--tokens 200e6] [--seconds 5]
 """
 
-import os
+import argparse
+import json
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# benchmarks/tokenize.py would shadow the standard library's tokenize module: drop this directory.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 SEQ_LENGTH = 4096
 EOS = 50279

@@ -22,17 +22,13 @@ threads); MFU = ModelConfig.flops_per_token(256) x tokens/s / median measured ma
 Usage: python benchmarks/train_step.py --json out.json [--steps 20] [--warmup 10] [--repeats 3]
 """
 
+import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
-
-# benchmarks/tokenize.py would shadow the standard library's tokenize module: drop this directory.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+import time
 
 RECIPE = "olmoe_small"
 MICRO_BATCH = 4

@@ -116,7 +116,7 @@ class DataConfig(Config):
 
     def _token_groups(self, cache_dir: Path):
         from olmoe_megatron.data.corpus import build_demo_corpus
-        from olmoe_megatron.data.token_sources import expand_path, megatron_file, npy_file
+        from olmoe_megatron.data.token_files import expand_path, megatron_file, npy_file
 
         paths = self.paths
         if not paths:

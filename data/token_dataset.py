@@ -15,7 +15,7 @@ import numpy as np
 from olmoe_megatron.data.blend import MID_LEVEL_SURPLUS, blend_indices, normalize_weights, samples_per_source
 from olmoe_megatron.data.errors import DataError
 from olmoe_megatron.data.repetition import has_repeated_ngram
-from olmoe_megatron.data.token_sources import TokenFile
+from olmoe_megatron.data.token_files import TokenFile
 
 logger = logging.getLogger(__name__)
 

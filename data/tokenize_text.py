@@ -27,7 +27,7 @@ from olmoe_megatron.config import Config, ConfigError
 from olmoe_megatron.data.errors import DataError
 from olmoe_megatron.data.fileutil import atomic_write_text, sha256_file
 from olmoe_megatron.data.megatron_format import ShardWriter, token_dtype_for_vocab
-from olmoe_megatron.data.sources import ReadStats, Segment, expand_inputs, iter_text_batches, plan_segments
+from olmoe_megatron.data.text_inputs import ReadStats, Segment, expand_inputs, iter_text_batches, plan_segments
 from olmoe_megatron.data.tokenizer import find_eos_token_id, load_tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)

@@ -4,9 +4,9 @@ Full OLMoE-1B-7B width (d_model 2048, 16 heads, 64 experts top-8, expert FFN 102
 `--layers` decoder layers (2 to 4), sequence 4096, one micro-batch per step. The step is the
 trainer's (olmoe_megatron.training.step: Megatron DDP with fp32 gradient buffers, Megatron's
 optimizer with fp32 main weights, OLMoE's AdamW and clipping, expert-load counting). The process
-group is NCCL with world size 1: the CPU backend (olmoe_megatron.parallel.cpu_backend) is not
-installed. Layers are Transformer Engine's when it imports (`--spec auto`), local otherwise; local
-experts run torch._grouped_mm (a CUTLASS grouped GEMM on Hopper).
+group is NCCL with world size 1: of the backend patches (olmoe_megatron.parallel.backend_patches)
+only those for a missing Transformer Engine or apex apply. Layers are Transformer Engine's when it
+imports (`--spec auto`), local otherwise; local experts run torch._grouped_mm (a CUTLASS grouped GEMM on Hopper).
 
 Prints tokens/s and MFU against the H200's dense bf16 peak (989 TFLOP/s), with model FLOPs per
 token from ModelConfig.flops_per_token (6 x active matmul parameters + attention, no recompute).
@@ -20,20 +20,16 @@ Usage: python benchmarks/gpu/olmoe_slice.py [--layers 4] [--micro-batch 2] [--st
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib.util
+import json
 import os
 import sys
+import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(os.path.dirname(_HERE))
-# benchmarks/tokenize.py shadows the standard library's tokenize module: keep benchmarks dirs off the path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") not in (_HERE, os.path.dirname(_HERE))]
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-
 H200_BF16_PEAK = 989e12
 
 

@@ -49,7 +49,7 @@ if ! "$PY" -c 'import megatron.core' 2>/dev/null; then
 fi
 "$PY" -c 'import megatron.core; print("megatron-core", megatron.core.__version__)' || exit 2
 "$PY" -c 'import transformer_engine.pytorch; print("transformer_engine", transformer_engine.__version__, "(te spec)")' 2>/dev/null \
-    || echo "transformer_engine: not importable (local spec: SDPA core attention, torch._grouped_mm experts)"
+    || echo "transformer_engine: not importable (local spec: DispatchingCoreAttention on torch SDPA, torch._grouped_mm experts)"
 
 echo "== OLMoE-1B-7B slice: $LAYERS layers, micro-batch $MICRO_BATCH x 4096"
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}

@@ -93,7 +93,7 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from olmoe_megatron.data.convert import megatron_to_olmo, olmo_to_megatron
+    from olmoe_megatron.data.format_conversion import megatron_to_olmo, olmo_to_megatron
 
     if args.to == "olmo":
         count = megatron_to_olmo(args.source, args.target, eos_token_id=args.eos_id, dtype=args.dtype)

@@ -140,22 +140,6 @@ def non_layer_from_hf(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def to_hf(mc: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """A whole single-process state dict of ours -> HF per-expert keys."""
-    out = non_layer_to_hf(mc)
-    for i in range(model.num_layers):
-        out.update(layer_to_hf(mc, i, model))
-    return out
-
-
-def from_hf(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF per-expert keys -> a whole single-process state dict of ours."""
-    out = non_layer_from_hf(hf)
-    for i in range(model.num_layers):
-        out.update(layer_from_hf(hf, i, model))
-    return out
-
-
 def fuse_hf_experts(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """Per-expert HF keys -> transformers 5's in-memory fused experts (gate_up_proj, down_proj)."""
     out = {k: v for k, v in hf.items() if ".mlp.experts." not in k}
@@ -165,16 +149,6 @@ def fuse_hf_experts(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str
             [torch.cat([hf[p + f"{e}.gate_proj.weight"], hf[p + f"{e}.up_proj.weight"]]) for e in range(model.num_experts)]
         )
         out[p + "down_proj"] = torch.stack([hf[p + f"{e}.down_proj.weight"] for e in range(model.num_experts)])
-    return out
-
-
-def unfuse_hf_experts(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """transformers 5's fused experts -> per-expert HF keys (what save_pretrained writes)."""
-    out = {k: v for k, v in hf.items() if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
-    for i in range(model.num_layers):
-        p = _HF_LAYER.format(i=i) + "mlp.experts."
-        fused = {k: hf[k] for k in (p + "gate_up_proj", p + "down_proj") if k in hf}
-        out.update(unfuse_hf_layer(fused, i, model))
     return out
 
 

@@ -8,7 +8,7 @@ from data_testutil import TINY_EOS_ID, TINY_VOCAB_SIZE, expected_ids, random_doc
 
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.data.config import DataConfig
-from olmoe_megatron.data.recipes import OLMOE_MIX_0924_TOKENS_B, olmoe_mix
+from olmoe_megatron.data.mixtures import OLMOE_MIX_0924_TOKENS_B, olmoe_mix
 from olmoe_megatron.launcher.cli import main
 
 

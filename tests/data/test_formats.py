@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from data_testutil import random_token_documents, write_npy_tokens
 
-from olmoe_megatron.data.convert import megatron_to_olmo, olmo_to_megatron
+from olmoe_megatron.data.format_conversion import megatron_to_olmo, olmo_to_megatron
 from olmoe_megatron.data.errors import DataError
 from olmoe_megatron.data.megatron_format import check_prefix, index_bytes
 from olmoe_megatron.data.olmo_npy import document_lengths, open_token_file

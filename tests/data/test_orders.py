@@ -8,7 +8,7 @@ import pytest
 from data_testutil import random_token_documents, write_npy_tokens
 
 from olmoe_megatron.data.config import DataConfig
-from olmoe_megatron.data.convert import olmo_to_megatron
+from olmoe_megatron.data.format_conversion import olmo_to_megatron
 
 EOS = 999
 VOCAB = 1000

@@ -1,4 +1,5 @@
-"""Data recipes: OLMoE-Mix-0924's source proportions over the user's own token files."""
+"""Data mixtures: OLMoE-Mix-0924's source proportions over the user's own token files (run recipes are
+olmoe_megatron/recipes.py)."""
 
 from __future__ import annotations
 

@@ -10,23 +10,18 @@ installed megatron-core; it needs the `six` package). Its `megatron.training` im
 kernel module that imports triton; the benchmark gives that one module an import-only stand-in
 through a temporary sitecustomize. Without --megatron-lm the Megatron column is skipped.
 
-Usage: python benchmarks/tokenize.py --json out.json [--megatron-lm DIR] [--input-mb 32] [--workers 2]
+Usage: python benchmarks/tokenize_throughput.py --json out.json [--megatron-lm DIR] [--input-mb 32] [--workers 2]
 """
 
+import argparse
+import json
 import os
+import re
+import subprocess
 import sys
-
-# This file is named tokenize.py: drop its directory from sys.path so `import tokenize` (used by
-# linecache, inspect, ...) still finds the standard library module.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
 _STUB = '''import sys, types
 _m = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
