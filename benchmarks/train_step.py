@@ -19,7 +19,13 @@ allocator grows to its working set. Every
 run first measures the machine's matmul rate in its precision (1024^3 matmuls on the same
 threads); MFU = ModelConfig.flops_per_token(256) x tokens/s / median measured matmul FLOP/s.
 
+`--baseline-checkout DIR` adds a third side: our step at another checkout (say, the commit before a
+refactor), with `--baseline-python` as its interpreter; runs then alternate ours, baseline, HF, and
+the table gains ours / baseline. The JSON records this checkout's commit, the baseline's, the
+machine (CPU model, cores, torch's CPU capability, load per run) and the peers' versions.
+
 Usage: python benchmarks/train_step.py --json out.json [--steps 20] [--warmup 10] [--repeats 3]
+           [--baseline-checkout DIR [--baseline-python PY]]
 """
 
 import argparse
@@ -177,9 +183,14 @@ def run_worker(args) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def _spawn(worker: str, precision: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--precision", precision,
+    python, script, cwd = sys.executable, os.path.abspath(__file__), None
+    if worker == "baseline":  # our step at the baseline checkout, run by its own script
+        python = args.baseline_python or sys.executable
+        script = os.path.join(args.baseline_checkout, "benchmarks", "train_step.py")
+        cwd, worker = args.baseline_checkout, "ours"
+    cmd = [python, script, "--worker", worker, "--precision", precision,
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -191,24 +202,63 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
+def _commit(checkout: str) -> str:
+    """The checkout's HEAD commit, with '+dirty' when tracked files differ from it."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", checkout, *cmd], capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"cpu": model, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "load_average_1m_at_end": _load()}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    return {name: md.version(name) for name in ("torch", "megatron-core", "transformers")}
+
+
 def measure(precision: str, args) -> dict:
     """Alternating runs of ours and HF in `precision`; medians over runs."""
     from olmoe_megatron.recipes import get_recipe
 
-    runs = {"ours": [], "hf": []}
+    sides = ("ours", "baseline", "hf") if args.baseline_checkout else ("ours", "hf")
+    runs = {side: [] for side in sides}
     loads = []
     for repeat in range(args.repeats):
-        for worker in ("ours", "hf"):
+        for worker in sides:
             loads.append(_load())
             result = _spawn(worker, precision, args)
             runs[worker].append(result)
-            print(f"  {precision} run {repeat + 1}/{args.repeats} {worker:>4}: {result['tokens_per_s']:>8,.0f} tok/s "
+            print(f"  {precision} run {repeat + 1}/{args.repeats} {worker:>8}: {result['tokens_per_s']:>8,.0f} tok/s "
                   f"(matmul {result['matmul_flops'] / 1e9:.0f} GFLOP/s, load {loads[-1]:.2f})", flush=True)
     ours = statistics.median(r["tokens_per_s"] for r in runs["ours"])
     hf = statistics.median(r["tokens_per_s"] for r in runs["hf"])
     matmul = statistics.median(r["matmul_flops"] for r in runs["ours"] + runs["hf"])
     flops_per_token = get_recipe(RECIPE).model.flops_per_token(SEQ_LENGTH)
+    baseline = {}
+    if args.baseline_checkout:
+        base = statistics.median(r["tokens_per_s"] for r in runs["baseline"])
+        baseline = {
+            "baseline_tokens_per_s": base,
+            "ours_over_baseline": ours / base,
+            "ours_over_baseline_paired_median": statistics.median(
+                o["tokens_per_s"] / b["tokens_per_s"] for o, b in zip(runs["ours"], runs["baseline"])),
+            "baseline_runs_tokens_per_s": [r["tokens_per_s"] for r in runs["baseline"]],
+            "baseline_first_losses": runs["baseline"][0]["losses"][:3],
+        }
     return {
+        **baseline,
         "ours_tokens_per_s": ours,
         "hf_tokens_per_s": hf,
         "ratio": ours / hf,
@@ -240,6 +290,8 @@ def main() -> int:
     parser.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help=argparse.SUPPRESS)
     parser.add_argument("--profile", help="(with --worker) write a torch.profiler table of the timed steps here")
+    parser.add_argument("--baseline-checkout", help="another checkout of this repository whose step runs as a third side")
+    parser.add_argument("--baseline-python", help="the interpreter for the baseline checkout (default: this one)")
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
@@ -262,6 +314,12 @@ def main() -> int:
               f"{r['paired_ratio_median']:>8.2f}{r['matmul_flops'] / 1e9:>16.0f}{100 * r['mfu']:>9.1f}%"
               f"{100 * r['hf_mfu']:>8.1f}%")
     print("ratio: median ours / median HF; paired: median of (ours run / the HF run after it)")
+    if args.baseline_checkout:
+        print(f"\n{'precision':<10}{'ours tok/s':>12}{'baseline tok/s':>16}{'ours/base':>11}{'paired':>8}"
+              f"   baseline: {_commit(args.baseline_checkout)} at {args.baseline_checkout}")
+        for precision, r in results.items():
+            print(f"{precision:<10}{r['ours_tokens_per_s']:>12,.0f}{r['baseline_tokens_per_s']:>16,.0f}"
+                  f"{r['ours_over_baseline']:>11.3f}{r['ours_over_baseline_paired_median']:>8.3f}")
     any_run = next(iter(results.values()))
     print(f"ours: {any_run['ours_impl']}; HF: {any_run['hf_impl']}; threads {any_run['threads']}; "
           f"{any_run['flops_per_token'] / 1e6:.1f} MFLOP/token")
@@ -271,7 +329,10 @@ def main() -> int:
         if precision != "bf16":
             out[precision] = r
     out.update(recipe=RECIPE, micro_batch=MICRO_BATCH, seq_length=SEQ_LENGTH, steps=args.steps,
-               warmup=args.warmup, repeats=args.repeats)
+               warmup=args.warmup, repeats=args.repeats, commit=_commit(os.path.dirname(os.path.dirname(
+                   os.path.abspath(__file__)))), machine=_machine(), versions=_versions())
+    if args.baseline_checkout:
+        out.update(baseline_commit=_commit(args.baseline_checkout), baseline_checkout=args.baseline_checkout)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {args.json}")
