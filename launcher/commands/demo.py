@@ -41,6 +41,23 @@ def _train(out: Path, nproc: int, steps: int, extra: list[str]) -> int:
     return subprocess.call(torchrun_command(nproc, args), env=_env(nproc))
 
 
+def _precision_flags(recipe) -> list[str]:
+    """The recipe trains in bf16; on a CPU without bf16 matrix instructions that is ~100x slower than
+    fp32, so the demo trains in fp32 there (and says so)."""
+    import torch
+
+    from olmoe_megatron.training.metrics import cpu_bf16_is_slow
+
+    if recipe.precision.dtype != "bf16" or torch.cuda.is_available():
+        return []
+    slow, bf16, fp32 = cpu_bf16_is_slow()
+    if not slow:
+        return []
+    print(f"[demo] bf16 matmuls run at {bf16 / 1e9:.1f} GFLOP/s on this CPU against {fp32 / 1e9:.0f} GFLOP/s in fp32 "
+          "(no bf16 matrix instructions): training the demo in fp32", flush=True)
+    return ["--precision.dtype=fp32"]
+
+
 def _env(nproc: int) -> dict:
     import os
 
@@ -84,15 +101,16 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or recipe.train.max_steps
     first = steps - args.resume_steps
     print(f"[demo] tokenizer: {olmoe_tokenizer_path(download=True)}", flush=True)
+    extra = _precision_flags(recipe)
     print(f"[demo] training olmoe_demo on {args.nproc} processes (EP{args.nproc}) to step {first}, "
           f"then resuming to step {steps}", flush=True)
-    code = _train(out, args.nproc, first, [])
+    code = _train(out, args.nproc, first, extra)
     if code != 0:
         print(f"[demo] training failed with exit code {code}", file=sys.stderr)
         return code
     latest = (out / "checkpoints" / "latest").read_text().strip()
     print(f"[demo] stopped at step {first}; checkpoint {out / 'checkpoints' / latest}; resuming", flush=True)
-    code = _train(out, args.nproc, steps, [])
+    code = _train(out, args.nproc, steps, extra)
     if code != 0:
         print(f"[demo] resumed training failed with exit code {code}", file=sys.stderr)
         return code

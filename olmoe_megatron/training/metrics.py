@@ -42,6 +42,15 @@ def measure_matmul_flops(dtype: torch.dtype, *, size: int = 1024, seconds: float
     return 2 * size**3 * iterations / (time.perf_counter() - start)
 
 
+def cpu_bf16_is_slow(*, ratio: float = 0.25) -> tuple[bool, float, float]:
+    """(slow, bf16 FLOP/s, fp32 FLOP/s) of 256^3 matmuls on this process's threads: slow when bf16
+    runs below `ratio` times fp32, as on CPUs without bf16 matrix instructions (AVX2-only x86, where
+    oneDNN's bf16 GEMM falls back to a reference loop: 0.9 against 118 GFLOP/s on an AMD EPYC)."""
+    bf16 = measure_matmul_flops(torch.bfloat16, size=256, seconds=0.2)
+    fp32 = measure_matmul_flops(torch.float32, size=256, seconds=0.2)
+    return bf16 < ratio * fp32, bf16, fp32
+
+
 def job_peak_flops(dtype: torch.dtype, *, fp8: bool = False, override: float | None = None) -> tuple[float, str]:
     """(peak FLOP/s of the whole job, how it was obtained). Collective on CPU."""
     world = dist.get_world_size()

@@ -101,6 +101,8 @@ def train(run: RunConfig) -> int:
                            log_interval=train_cfg.log_interval)
     peak_flops, peak_source = job_peak_flops(run.precision.torch_dtype, fp8=run.precision.fp8 is not None,
                                              override=run.metrics.peak_flops)
+    if not context.uses_cuda and run.precision.dtype == "bf16":
+        _warn_if_cpu_bf16_is_slow(context)
     flops_per_token = model_cfg.flops_per_token(train_cfg.seq_length)
     load_counter = None
     if run.metrics.expert_load and model_cfg.is_moe:
@@ -169,6 +171,16 @@ def train(run: RunConfig) -> int:
             load_counter.detach()
     dist.barrier()
     return exit_code
+
+
+def _warn_if_cpu_bf16_is_slow(context: ParallelContext) -> None:
+    from olmoe_megatron.training.metrics import cpu_bf16_is_slow
+
+    slow, bf16, fp32 = cpu_bf16_is_slow()
+    if slow and context.is_logging_rank:
+        logger.warning("precision.dtype=bf16 on a CPU without bf16 matrix instructions: bf16 matmuls run at %.1f "
+                       "GFLOP/s here against %.0f in fp32; --precision.dtype=fp32 trains much faster on this machine",
+                       bf16 / 1e9, fp32 / 1e9)
 
 
 def _build_dataset(run: RunConfig, context: ParallelContext, *, num_samples: int):
