@@ -38,19 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_import_warnings() -> None:
-    """Filters the one import-time warning of megatron-core that is not true of our runs.
+def _quiet_known_warnings() -> None:
+    """Filters the warnings of megatron-core that are not true of our runs, each named exactly.
 
-    megatron-core 0.16.1 imports models/backends.py with every GPTModel (multi_token_prediction.py
-    imports it) and that module warns "Apex is not installed. Falling back to Torch Norm" where apex
-    is missing. The fallback it announces is its LayerNorm for Megatron's own specs; OLMoE's specs
-    never use it (our RMSNorm: model/norms.py; TE's on GPUs), and importing GPTModel cannot be avoided.
+    - megatron-core 0.16.1 imports models/backends.py with every GPTModel (multi_token_prediction.py
+      imports it) and that module warns "Apex is not installed. Falling back to Torch Norm" where
+      apex is missing. The fallback it announces is its LayerNorm for Megatron's own specs; OLMoE's
+      specs never use it (our RMSNorm: model/norms.py; TE's on GPUs), and importing GPTModel cannot
+      be avoided.
+    - Its distributed optimizer's zero_grad reads `.grad` of its fp32 shard views, which torch
+      reports as "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed" on
+      every fp32 step (megatron's own comment there: "throws grad-access warning"). Harmless: those
+      views never carry gradients. Filtered for that megatron module only, so the same warning
+      from any other code still shows.
     """
     warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm", category=UserWarning)
+    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor",
+                            category=UserWarning, module=r"megatron\.core\.optimizer\.optimizer")
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_import_warnings()
+    _quiet_known_warnings()
     parser = build_parser()
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if extra and not getattr(args, "_accepts_overrides", False):
