@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One H200, 15 minutes, no network: bf16 OLMoE-1B-7B slice (full width, 64 experts top-8, 4 layers,
-# seq 4096) through forward, backward and optimizer steps; prints tokens/s and MFU (989 TFLOP/s).
+# seq 4096) through the trainer's step with expert-load metrics, the distributed optimizer with
+# overlapped reduce/gather, and a checkpoint round trip; prints tokens/s, MFU (989 TFLOP/s), memory.
 #
 # The machine has Python 3.12 and torch 2.11 (CUDA 13) but no megatron-core. Put the wheels beside
 # this script first, on a machine with network (they are not committed; benchmarks/gpu/wheels/ is
