@@ -10,6 +10,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import StrictHandling
+
+from olmoe_megatron.checkpoint.format import CheckpointFormatError
+
+_EXTRA_STATE = "_extra_state"
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
@@ -20,13 +25,37 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
+def load_sharded(request: dict, directory: str | Path) -> dict:
+    """dist_checkpointing.load of `request` that lets module extra state be absent from the checkpoint.
+
+    Transformer Engine's modules keep their FP8 metadata in `_extra_state` entries; a checkpoint
+    saved with the local spec (CPU runs, `hf-to-mcore`, `upcycle`) has none, and the TE spec then
+    starts with TE's default extra state, as a fresh TE model does. Any other tensor or object that
+    the model asks for and the checkpoint lacks is an error naming it.
+    """
+    state, _, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_UNEXPECTED)
+    needed = sorted(key for key in absent if _EXTRA_STATE not in key)
+    if needed:
+        shown = ", ".join(needed[:8]) + (f" (and {len(needed) - 8} more)" if len(needed) > 8 else "")
+        raise CheckpointFormatError(
+            f"{directory} lacks {len(needed)} entries this model needs: {shown}; is it a checkpoint of this "
+            "architecture (olmoe_model.yaml beside it says which)?"
+        )
+    return state
+
+
 def load_model_state(chunks: list[torch.nn.Module], state: dict) -> None:
+    """Loads each chunk's entry of `state`; only module extra state (`_extra_state`) may be missing."""
     chunks = [getattr(c, "module", c) for c in chunks]
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(state["model"], strict=True)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(state[f"model{i}"], strict=True)
+    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for name, chunk in zip(names, chunks):
+        result = chunk.load_state_dict(state[name], strict=False)
+        missing = [key for key in result.missing_keys if not key.endswith(_EXTRA_STATE)]
+        if missing or result.unexpected_keys:
+            raise CheckpointFormatError(
+                f"{name}: the loaded state does not match the model: missing {missing[:8]}, "
+                f"unexpected {list(result.unexpected_keys)[:8]}"
+            )
 
 
 def save_model(chunks: list[torch.nn.Module], directory: str | Path) -> None:
@@ -41,5 +70,5 @@ def save_model(chunks: list[torch.nn.Module], directory: str | Path) -> None:
 
 def load_model(chunks: list[torch.nn.Module], directory: str | Path) -> None:
     """Loads weights saved by `save_model` (or a full training checkpoint) in any layout."""
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory))
+    state = load_sharded(model_sharded_state_dict(chunks), directory)
     load_model_state(chunks, state)

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.serialization import StrictHandling
 
 from olmoe_megatron.checkpoint.format import LATEST, step_dir_name, write_model_config, write_run_config
-from olmoe_megatron.checkpoint.weights import load_model_state, model_sharded_state_dict
+from olmoe_megatron.checkpoint.weights import load_model_state, load_sharded, model_sharded_state_dict
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.training.step import use_fused_adamw
 
@@ -53,11 +52,15 @@ class Progress:
 
 
 def _rng_state() -> dict:
+    """Every RNG state as tensors, ints and strings only, so that `torch.load(weights_only=True)`
+    reads it back: loading a checkpoint never unpickles arbitrary objects (numpy's state would)."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state(),
         "tracker": get_cuda_rng_tracker().get_states(),
     }
@@ -70,11 +73,23 @@ def _set_rng_state(state: dict) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _load_rng_file(path: Path) -> dict | None:
+    """The RNG states of one rank, read without unpickling objects (None: unreadable, with a warning)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable or foreign file restores no RNG state
+        logger.warning("%s cannot be read as RNG states without running code from it (%s): RNG states not "
+                       "restored", path, str(exc).splitlines()[0][:200])
+        return None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -214,7 +229,7 @@ def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer
     if with_optimizer:
         _materialize_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIMIZER_METADATA)
-    state = dist_checkpointing.load(request, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    state = load_sharded(request, path)
     load_model_state(models, state)
     if not with_optimizer:
         # bf16 keeps fp32 master copies in the optimizer: refresh them from the loaded weights.
@@ -226,11 +241,13 @@ def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer
     common = dist_checkpointing.load_common_state_dict(str(path))
     progress = Progress(**common["progress"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    if common.get("world_size") == dist.get_world_size() and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    else:
+    if common.get("world_size") != dist.get_world_size():
         logger.warning("world size changed (%s -> %s): RNG states not restored", common.get("world_size"),
                        dist.get_world_size())
+    elif not rng_file.is_file():
+        logger.warning("%s is missing: RNG states not restored", rng_file)
+    elif (rng_state := _load_rng_file(rng_file)) is not None:
+        _set_rng_state(rng_state)
     logger.info("resumed from %s at step %d (%d samples, %d tokens)", path, progress.step,
                 progress.consumed_samples, progress.tokens)
     return progress
