@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 from olmoe_megatron.data.errors import DataError
-from olmoe_megatron.data.fileutil import atomic_write_bytes, default_cache_root
+from olmoe_megatron.data.fileutil import atomic_write_bytes, default_cache_root, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +65,27 @@ def olmoe_tokenizer_path(*, cache_dir: str | os.PathLike | None = None, download
     """
     directory = Path(cache_dir) if cache_dir is not None else default_cache_root() / "tokenizers"
     target = directory / OLMOE_TOKENIZER_FILE
-    if target.is_file() and target.stat().st_size == OLMOE_TOKENIZER_BYTES:
+
+    def cached() -> bool:
+        return target.is_file() and target.stat().st_size == OLMOE_TOKENIZER_BYTES
+
+    if cached():
         return target
-    if target.is_file():
-        logger.warning("cached %s has %d bytes, expected %d; fetching it again",
-                       target, target.stat().st_size, OLMOE_TOKENIZER_BYTES)
     if not download:
         raise DataError(
             f"OLMoE tokenizer not cached at {target}; run `olmoe prep tokenizer` (needs PyPI) or "
             f"copy {OLMOE_TOKENIZER_FILE} from the {OLMOE_WHEEL_SPEC} wheel there"
         )
-    payload = _extract_from_wheel()
-    atomic_write_bytes(target, payload)
-    logger.info("cached OLMoE tokenizer at %s", target)
+    # All ranks of a job may get here at once: the first to take the lock downloads, the others wait.
+    with file_lock(directory / f"{OLMOE_TOKENIZER_FILE}.lock"):
+        if cached():
+            return target
+        if target.is_file():
+            logger.warning("cached %s has %d bytes, expected %d; fetching it again",
+                           target, target.stat().st_size, OLMOE_TOKENIZER_BYTES)
+        payload = _extract_from_wheel()
+        atomic_write_bytes(target, payload)
+        logger.info("cached OLMoE tokenizer at %s", target)
     return target
 
 

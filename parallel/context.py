@@ -96,10 +96,37 @@ def init_distributed(*, backend: str | None = None, timeout_minutes: float = 10.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    device_id = None
     if backend_uses_cuda(backend):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device_id = torch.device("cuda", local_cuda_device_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device_id)
+    # device_id binds the NCCL communicators (and barriers) to this rank's device, not one guessed
+    # from the global rank.
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=device_id)
     return backend
+
+
+def local_cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device index (among the visible ones) of the rank with `local_rank` on its node.
+
+    torchrun, or srun with every GPU visible to every task, gives a node's 8 ranks 8 devices: rank
+    LOCAL_RANK takes device LOCAL_RANK. srun with one GPU bound per task (`--gpus-per-task=1`)
+    gives each rank one visible device, index 0, whatever its LOCAL_RANK (0..7).
+
+    Raises:
+        RuntimeError: CUDA sees no device (a GPU run on a node or task without a visible GPU).
+    """
+    if device_count < 1:
+        raise RuntimeError(
+            f"backend nccl needs a CUDA device, but torch.cuda.device_count()=0 for LOCAL_RANK={local_rank} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}): request GPUs for "
+            "every task (sbatch --gpus-per-node / srun --gpus-per-task) or run on CPU with backend gloo"
+        )
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK={local_rank} must be >= 0")
+    return local_rank % device_count
 
 
 def free_port() -> int:

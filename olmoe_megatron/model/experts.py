@@ -222,7 +222,14 @@ class PaddedOrStackedSwiGLUExperts(SequentialMLP):
         fc2_EHF = torch.stack([e.linear_fc2.weight for e in experts])
         if not torch.is_tensor(tokens_per_expert):
             tokens_per_expert = torch.as_tensor(tokens_per_expert)
-        offsets_E = torch.cumsum(tokens_per_expert.to(device=hidden_TH.device), 0).to(torch.int32)
+        if tokens_per_expert.device.type == "cpu":
+            # Megatron's dispatcher hands the counts on the host (after its own sync): the E offsets
+            # are summed there and copied from pinned memory without blocking the host (a pageable
+            # copy, as `.to(device)` was, waits for the stream).
+            offsets_E = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32).pin_memory()
+            offsets_E = offsets_E.to(hidden_TH.device, non_blocking=True)
+        else:
+            offsets_E = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         fc1_out_T2F = torch._grouped_mm(hidden_TH, fc1_EFH.transpose(1, 2), offs=offsets_E)
         gate_TF, up_TF = torch.chunk(fc1_out_T2F, 2, dim=-1)
         act_TF = F.silu(gate_TF) * up_TF

@@ -109,6 +109,8 @@ def _adamw_one_pass(sub: Float16OptimizerWithFloat16Params, grad_scale: float) -
 def _norm_fp32(grads: list[torch.Tensor], group) -> float:
     """megatron.core.optimizer.clip_grads.get_grad_norm_fp32 (L2, no DTensors) with one C pass."""
     total = l2_norm(grads, squared=True, one_pass=True)
+    # A CPU tensor on a CPU (gloo) group: only `optimizer_step`'s one-pass path calls this, and that
+    # path requires every parameter on the CPU (`_static_checks`); GPU runs take Megatron's step.
     dist.all_reduce(total, group=group)
     return total.item() ** 0.5
 

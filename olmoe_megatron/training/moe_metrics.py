@@ -4,6 +4,9 @@ Megatron's routers record, per layer and micro-batch, the unweighted Switch loss
 squared router logsumexp in a tracker; we reduce those ourselves (gloo has no AVG reduce) and
 report them in OLMoE's normalisation: LB = w * mean over layers, z = w_z * mean over layers / k.
 Expert load is counted by forward hooks on the routers (tokens routed to each expert).
+
+Every tensor handed to a collective lives on `context.device`: an NCCL group has no CPU backend.
+Counts stay on the model's device during the step; each reduction ends in one copy to the host.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def reduce_router_losses(model: ModelConfig, context: ParallelContext, *, num_mi
         return out
     tracker = _tracker()
     groups = context.groups
-    values = torch.zeros(2, model.num_layers, dtype=torch.float64)
+    values = torch.zeros(2, model.num_layers, dtype=torch.float64, device=context.device)
     if _LB in tracker:
         values[0] = tracker[_LB]["values"].double()
     if _Z in tracker:
@@ -55,21 +58,26 @@ def reduce_router_losses(model: ModelConfig, context: ParallelContext, *, num_mi
     dist.all_reduce(z, group=groups.dp)
     z /= dist.get_world_size(groups.tp_cp) * dist.get_world_size(groups.dp)
     layers_microbatches = model.num_layers * num_microbatches
-    out["lb_loss"] = float(model.router_aux_loss_coeff * lb.sum() / layers_microbatches)
-    out["z_loss"] = float(model.router_z_loss_coeff * z.sum() / (layers_microbatches * model.top_k))
+    losses = torch.stack([model.router_aux_loss_coeff * lb.sum() / layers_microbatches,
+                          model.router_z_loss_coeff * z.sum() / (layers_microbatches * model.top_k)]).cpu()
+    out["lb_loss"], out["z_loss"] = float(losses[0]), float(losses[1])
     clear_router_losses()
     return out
 
 
 @dataclasses.dataclass
 class ExpertLoadCounter:
-    """Counts tokens routed to each expert of each layer with forward hooks on the routers."""
+    """Counts tokens routed to each expert of each layer with forward hooks on the routers.
+
+    The counts live on the routers' device (created on the first hook call) and are added there:
+    no host copy per router and micro-batch; `reduce_and_reset` copies them to the host once.
+    """
 
     num_layers: int
     num_experts: int
 
     def __post_init__(self):
-        self.counts_LE = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
+        self.counts_LE: torch.Tensor | None = None
         self._handles = []
 
     def attach(self, model_chunks) -> "ExpertLoadCounter":
@@ -85,7 +93,12 @@ class ExpertLoadCounter:
         if not router.training:
             return
         _, routing_map_TE = output
-        self.counts_LE[router.layer_number - 1] += routing_map_TE.detach().sum(0).to("cpu", torch.float64)
+        if self.counts_LE is None:
+            self.counts_LE = self._zeros(routing_map_TE.device)
+        self.counts_LE[router.layer_number - 1] += routing_map_TE.detach().sum(0, dtype=torch.float64)
+
+    def _zeros(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64, device=device)
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -93,15 +106,20 @@ class ExpertLoadCounter:
         self._handles.clear()
 
     def reduce_and_reset(self, context: ParallelContext) -> dict[str, list[float]]:
-        """Global per-layer stats: busiest-expert share, min and max tokens per expert."""
-        counts = self.counts_LE.clone()
+        """Global per-layer stats: busiest-expert share, min and max tokens per expert.
+
+        Collective over the PP, TP/CP and DP groups, on `context.device` (a rank whose routers saw
+        no training forward yet contributes zeros).
+        """
+        if self.counts_LE is None:
+            counts = self._zeros(context.device)
+        else:
+            counts = self.counts_LE.to(context.device, copy=True)
+            self.counts_LE.zero_()
         groups = context.groups
         for group in (groups.pp, groups.tp_cp, groups.dp):
             dist.all_reduce(counts, group=group)
-        self.counts_LE.zero_()
-        totals = counts.sum(1).clamp_min(1)
-        return {
-            "busiest_expert_share": (counts.max(1).values / totals).tolist(),
-            "min_tokens_per_expert": counts.min(1).values.tolist(),
-            "max_tokens_per_expert": counts.max(1).values.tolist(),
-        }
+        max_L = counts.max(1).values
+        share_L = max_L / counts.sum(1).clamp_min(1)
+        share, minimum, maximum = torch.stack([share_L, counts.min(1).values, max_L]).cpu().tolist()
+        return {"busiest_expert_share": share, "min_tokens_per_expert": minimum, "max_tokens_per_expert": maximum}
