@@ -53,7 +53,7 @@ setup(
         # Transformer Engine needs a CUDA torch; never install it on a CPU machine
         # (megatron-core then fails to import). Apex has no PyPI release: build it from source
         # on the cluster (see README).
-        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],  # megatron-core 0.16.1's declared range
         "hf": ["transformers>=4.46", "safetensors>=0.4"],
         "plot": ["matplotlib>=3.7"],
         "tb": ["tensorboard>=2.14"],

@@ -7,7 +7,8 @@ import dataclasses
 from olmoe_megatron.config import Config, ConfigError
 from olmoe_megatron.data.config import DataConfig
 from olmoe_megatron.model.config import ModelConfig
-from olmoe_megatron.model.precision import PrecisionConfig
+from olmoe_megatron.model.megatron_config import selective_recompute_modules
+from olmoe_megatron.model.precision import PrecisionConfig, check_fp8_moe_act_recompute
 from olmoe_megatron.parallel.layout import ParallelLayout
 from olmoe_megatron.training.config import CheckpointConfig, MetricsConfig, TrainConfig
 
@@ -37,6 +38,12 @@ class RunConfig(Config):
                 "train.schedule='anneal' starts a new run from trained weights, but no checkpoint is given: "
                 "set --checkpoint.init_from=PRETRAINED_CHECKPOINT (with a new --data.seed to reshuffle the data)"
             )
+        if self.precision.fp8 is not None and self.train.recompute == "selective":
+            # FP8 runs on TE layers (PrecisionConfig.use_te refuses anything else), where selective
+            # recompute includes the MoE activation of grouped-GEMM experts; the TE-version half of
+            # Megatron's rule is checked where TE is resolved (model/megatron_config.py).
+            if "moe_act" in selective_recompute_modules(self.model, use_te=True):
+                check_fp8_moe_act_recompute(fp8_recipe=self.precision.fp8_recipe, te_version=None)
         # The layout's rules that need only the model (the world size comes later): parallel/layout.py.
         self.parallel.validate(self.model)
 

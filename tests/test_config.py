@@ -14,12 +14,14 @@ from olmoe_megatron.run_config import RunConfig
 def test_dotted_overrides_change_fields_and_coerce_types():
     run = get_recipe("olmoe_1b_7b").with_overrides(
         ["--model.num_experts=32", "train.lr=4e-4", "--train.use_distributed_optimizer=false",
-         "--parallel.virtual_pipeline_parallel=null"]
+         "--train.overlap_param_gather=false", "--parallel.virtual_pipeline_parallel=null"]
     )
     assert run.model.num_experts == 32
     assert run.train.lr == pytest.approx(4e-4) and isinstance(run.train.lr, float)
     assert run.train.use_distributed_optimizer is False
     assert run.parallel.virtual_pipeline_parallel is None
+    with pytest.raises(ConfigError, match=r"set train.overlap_param_gather=false with train.use_distributed_optimizer=false"):
+        get_recipe("olmoe_1b_7b").with_overrides(["--train.use_distributed_optimizer=false"])
     # the original is untouched (frozen values)
     assert get_recipe("olmoe_1b_7b").model.num_experts == 64
 
@@ -123,3 +125,44 @@ def test_a_rule_spanning_the_file_and_the_flags_is_judged_on_the_result(tmp_path
     assert (run.parallel.tp, run.parallel.sequence_parallel) == (2, True)
     with pytest.raises(ConfigError, match=r"run.yaml: parallel.sequence_parallel=false with parallel.tensor_parallel=2"):
         resolve_run_config(argparse.Namespace(recipe="olmoe_tiny", config=str(path), overrides=[]))
+
+
+FP8_SELECTIVE = ["precision.fp8=e4m3", "train.recompute=selective"]
+
+
+@pytest.mark.parametrize("extra", [[], ["precision.fp8_recipe=delayed"]])
+def test_fp8_delayed_scaling_with_selective_recompute_is_refused_at_config_time(extra):
+    """Megatron-Core refuses delayed scaling with moe_act recompute (transformer_config.py); we say
+    so, with the fix, before any process group starts (delayed is the default recipe)."""
+    with pytest.raises(ConfigError, match=r"precision.fp8_recipe='delayed' with train.recompute='selective'.*"
+                                          r"set precision.fp8_recipe=tensorwise .*train.recompute=full"):
+        get_recipe("olmoe_1b_7b").with_overrides([*FP8_SELECTIVE, *extra])
+
+
+@pytest.mark.parametrize("overrides", [
+    [*FP8_SELECTIVE, "precision.fp8_recipe=tensorwise"],
+    [*FP8_SELECTIVE, "precision.fp8_recipe=blockwise"],
+    ["precision.fp8=e4m3", "precision.fp8_recipe=delayed", "train.recompute=full"],
+    ["precision.fp8=hybrid", "precision.fp8_recipe=delayed"],
+    ["train.recompute=selective"],  # bf16: no FP8 rule
+    [*FP8_SELECTIVE, "model.expert_impl=sequential"],  # no grouped GEMM: selective leaves moe_act out
+])
+def test_fp8_with_recompute_combinations_that_megatron_accepts(overrides):
+    run = get_recipe("olmoe_1b_7b").with_overrides(overrides)
+    assert run.precision.fp8 is not None or run.train.recompute == "selective"
+
+
+def test_fp8_delayed_selective_on_a_dense_model_has_no_moe_act():
+    run = get_recipe("ablation_dense")
+    run = run.replace(precision=run.precision.replace(spec="auto", fp8="e4m3"))
+    assert run.with_overrides(["train.recompute=selective"]).train.recompute == "selective"
+
+
+def test_overlap_on_in_the_gpu_recipe_and_cpu_recipes_unchanged():
+    gpu = get_recipe("olmoe_1b_7b").train
+    assert gpu.overlap_grad_reduce and gpu.use_distributed_optimizer and gpu.ddp_bucket_size is None
+    for name in ("olmoe_tiny", "olmoe_small", "olmoe_demo", "ablation_64e_top8", "ablation_dense"):
+        train = get_recipe(name).train
+        assert not train.overlap_grad_reduce and not train.overlap_param_gather, name
+    with pytest.raises(ConfigError, match=r"train.ddp_bucket_size=0 must be >= 1"):
+        get_recipe("olmoe_1b_7b").with_overrides(["train.ddp_bucket_size=0"])

@@ -2,10 +2,10 @@
 
 Every OLMoE-specific override of a Megatron default is here, with the reason:
 truncated-normal init without depth scaling, softmax-then-top-k router in fp32 without
-renormalisation, OLMoE's loss coefficients converted to Megatron's per-layer ones, and fusions that
-need CUDA kernels switched off where those kernels are absent. A pure translation: it changes
-nothing outside the config it returns (the model build fills Megatron's fused-RoPE slot on CPU
-before asking for `cpu_rope`).
+renormalisation, OLMoE's loss coefficients converted to Megatron's per-layer ones, and fusions
+switched on exactly where their kernels exist (`fusions`: Megatron-Core's own version checks). A
+pure translation: it changes nothing outside the config it returns (the model build fills
+Megatron's fused-RoPE slot on CPU before asking for `cpu_rope`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,15 @@ import functools
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
+from packaging.version import Version
 
 from olmoe_megatron.model.config import ModelConfig
-from olmoe_megatron.model.precision import PrecisionConfig, megatron_fp8_fields
+from olmoe_megatron.model.precision import (
+    PrecisionConfig,
+    check_fp8_moe_act_recompute,
+    megatron_fp8_fields,
+    transformer_engine_version,
+)
 from olmoe_megatron.parallel.context import backend_uses_cuda
 from olmoe_megatron.parallel.layout import ParallelLayout
 
@@ -27,6 +33,48 @@ def truncated_normal_init(std: float, cutoff_stds: float):
     return functools.partial(torch.nn.init.trunc_normal_, mean=0.0, std=std, a=-cutoff_stds * std, b=cutoff_stds * std)
 
 
+#: The TE versions Megatron-Core 0.16.1 checks for each fusion: the fused permutation
+#: (moe_utils.permute: "Please install TE >= 2.1.0") and the fused router, whose TE functions
+#: extensions/transformer_engine.py imports only `if is_te_min_version("2.7.0.dev")`.
+PERMUTE_FUSION_MIN_TE = "2.1.0"
+ROUTER_FUSION_MIN_TE = "2.7.0.dev0"
+
+
+def fusions(*, on_gpu: bool, use_te: bool, te_version: str | None, bf16: bool) -> dict:
+    """TransformerConfig's fusion switches: on exactly where their kernels exist.
+
+    Args:
+        on_gpu: the backend is NCCL on CUDA devices.
+        use_te: the layers are Transformer Engine modules.
+        te_version: the installed TE's version (None: no TE).
+        bf16: the model computes in bf16.
+
+    On CPU every fusion is off (rotary embeddings excepted: `to_transformer_config`'s `cpu_rope`).
+    Megatron's native fused cross-entropy (`fusions/fused_cross_entropy.py`, no TE) replaces the
+    unfused loss, which copies the logits to fp32 (micro-batch 4 x 4096 x 50,304 x 4 bytes = 3.3 GB);
+    its backward casts the logits' gradient to bf16 unconditionally, so fp32 runs keep the unfused one.
+    """
+    te = on_gpu and use_te and te_version is not None
+    return dict(
+        gradient_accumulation_fusion=on_gpu and use_te,
+        bias_activation_fusion=on_gpu and use_te,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=on_gpu and bf16,
+        cross_entropy_fusion_impl="native",
+        moe_permute_fusion=te and Version(te_version) >= Version(PERMUTE_FUSION_MIN_TE),
+        moe_router_fusion=te and Version(te_version) >= Version(ROUTER_FUSION_MIN_TE),
+    )
+
+
+def selective_recompute_modules(model: ModelConfig, *, use_te: bool) -> list[str]:
+    """What train.recompute='selective' recomputes: core attention, and the MoE activation where
+    Megatron-Core implements that (grouped-GEMM experts, which need TE; it refuses moe_act otherwise)."""
+    grouped_gemm = use_te and model.is_moe and model.expert_impl == "grouped"
+    return ["core_attn", "moe_act"] if grouped_gemm else ["core_attn"]
+
+
 def to_transformer_config(
     model: ModelConfig,
     layout: ParallelLayout,
@@ -34,6 +82,7 @@ def to_transformer_config(
     precision: PrecisionConfig,
     backend: str,
     use_te: bool = False,
+    te_version: str | None = None,
     recompute: str | None = None,
     cpu_rope: bool = False,
 ) -> TransformerConfig:
@@ -45,7 +94,8 @@ def to_transformer_config(
         precision: dtype and FP8.
         backend: 'nccl' or 'gloo' (gloo forbids batched p2p with interleaved pipelines).
         use_te: the layers are Transformer Engine modules (enables TE-only fusions).
-        recompute: None, 'selective' (core attention + MoE activations) or 'full'.
+        te_version: the TE version the fusions are chosen for (None with use_te: the installed one).
+        recompute: None, 'selective' (`selective_recompute_modules`) or 'full'.
         cpu_rope: Megatron's fused-RoPE slot holds the CPU kernel (`model.rope.install_cpu_rope`,
             called by the model build): use it.
     """
@@ -54,6 +104,13 @@ def to_transformer_config(
     on_gpu = backend_uses_cuda(backend)
     batch_p2p = layout.use_batch_p2p_comm(backend=backend)
     interleaved = layout.vpp is not None and layout.vpp > 1
+    if use_te and te_version is None:
+        te_version = transformer_engine_version()
+    fusion_fields = fusions(on_gpu=on_gpu, use_te=use_te, te_version=te_version, bf16=precision.dtype == "bf16")
+    moe_fusions = {name: fusion_fields.pop(name) for name in ("moe_permute_fusion", "moe_router_fusion")}
+    recompute_modules = selective_recompute_modules(model, use_te=use_te) if recompute == "selective" else None
+    if precision.fp8 is not None and recompute_modules and "moe_act" in recompute_modules:
+        check_fp8_moe_act_recompute(fp8_recipe=precision.fp8_recipe, te_version=te_version)
     moe_fields = {}
     if model.is_moe:
         moe_fields = dict(
@@ -73,8 +130,7 @@ def to_transformer_config(
             moe_shared_expert_intermediate_size=(
                 model.num_shared_experts * model.expert_ffn_hidden_size if model.num_shared_experts else None
             ),
-            moe_permute_fusion=False,
-            moe_router_fusion=False,
+            **moe_fusions,
         )
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -107,15 +163,10 @@ def to_transformer_config(
         bf16=precision.dtype == "bf16",
         fp16=False,
         # Fusions need CUDA kernels (TE, apex or megatron's own); off where they are absent.
-        gradient_accumulation_fusion=on_gpu and use_te,
+        **fusion_fields,
         # On CPU, Megatron's fused-RoPE slot holds our kernel (model/rope.py), bit-identical to the
         # unfused code in fp32 and with the same bf16 roundings.
         apply_rope_fusion=(on_gpu and use_te) or cpu_rope,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=on_gpu and use_te,
-        bias_dropout_fusion=on_gpu,
-        persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
@@ -128,7 +179,7 @@ def to_transformer_config(
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
-        recompute_modules=["core_attn", "moe_act"] if recompute == "selective" else None,
+        recompute_modules=recompute_modules,
         # Megatron's default "full" is a deprecated alias of [] (the whole layer) and warns on every build.
         cuda_graph_scope=[],
         **moe_fields,

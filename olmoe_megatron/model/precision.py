@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 import torch
+from packaging.version import Version
 
 from olmoe_megatron.config import Config, ConfigError
 
@@ -75,6 +76,45 @@ def transformer_engine_status() -> tuple[bool, str]:
     except ImportError as exc:
         return False, f"transformer_engine does not import ({exc}); pip install 'olmoe-megatron[gpu]'"
     return True, "ok"
+
+
+def transformer_engine_version() -> str | None:
+    """The installed Transformer Engine's version as Megatron-Core's own checks read it
+    (`megatron.core.utils.get_te_version`: `te.__version__`, else the distribution's); None without TE."""
+    from megatron.core.utils import get_te_version
+
+    version = get_te_version()
+    return None if version is None else str(version)
+
+
+#: Megatron-Core 0.16.1 (transformer_config.py __post_init__): FP8 with `moe_act` or `layernorm`
+#: selective recompute needs TE >= 2.6.0dev0 and refuses delayed scaling.
+FP8_MOE_ACT_RECOMPUTE_MIN_TE = "2.6.0dev0"
+
+
+def check_fp8_moe_act_recompute(*, fp8_recipe: str, te_version: str | None) -> None:
+    """Megatron-Core's rule for FP8 with the MoE activation recomputed (selective recompute).
+
+    Delayed scaling is refused; the other recipes need TE >= 2.6.0dev0. Raises ConfigError naming the fix before Megatron's bare ValueError.
+
+    Args:
+        fp8_recipe: precision.fp8_recipe of an FP8 run whose selective recompute includes moe_act.
+        te_version: the installed TE version; None skips that half (config time, TE not resolved yet).
+    """
+    if fp8_recipe == "delayed":
+        raise ConfigError(
+            "precision.fp8_recipe='delayed' with train.recompute='selective': selective recompute includes "
+            "the MoE activation (moe_act, grouped-GEMM experts), which Megatron-Core refuses under delayed "
+            "scaling; set precision.fp8_recipe=tensorwise (or blockwise on Hopper), or train.recompute=full, "
+            "or train.recompute=null"
+        )
+    if te_version is not None and Version(te_version) < Version(FP8_MOE_ACT_RECOMPUTE_MIN_TE):
+        raise ConfigError(
+            f"train.recompute='selective' with precision.fp8_recipe={fp8_recipe!r} recomputes the MoE activation "
+            f"in FP8, which needs transformer-engine>={FP8_MOE_ACT_RECOMPUTE_MIN_TE}; the installed one is "
+            f"{te_version}: pip install 'olmoe-megatron[gpu]' (the TE range megatron-core supports), or set "
+            "train.recompute=full"
+        )
 
 
 def check_fp8_hardware(recipe: str) -> None:

@@ -52,9 +52,13 @@ class TrainConfig(Config):
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
     overlap_grad_reduce: bool = False
-    """Overlap the gradient reduce-scatter/all-reduce with backward."""
+    """Overlap the gradient reduce-scatter/all-reduce with backward, bucket by bucket (off: one
+    bucket reduced after the whole backward). On in `olmoe_1b_7b`; equal to off (the equivalence tests)."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with forward."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient bucket when overlap_grad_reduce is on (None: Megatron-Core's default,
+    max(40M, 1M x data-parallel size), large enough at any DP to stay bandwidth-bound)."""
     recompute: Literal["selective", "full"] | None = None
     """Activation recompute: selective (attention core + MoE activation) or full layers."""
     max_nonfinite_steps: int = 3
@@ -103,9 +107,15 @@ class TrainConfig(Config):
                 f"train.adam_beta1={self.adam_beta1}, adam_beta2={self.adam_beta2} must lie in [0, 1) "
                 f"and train.adam_eps={self.adam_eps} must be > 0"
             )
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ConfigError(
+                f"train.ddp_bucket_size={self.ddp_bucket_size} must be >= 1 parameter (null: Megatron's default)"
+            )
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise ConfigError(
-                "train.overlap_param_gather=true needs train.use_distributed_optimizer=true"
+                "train.overlap_param_gather=true needs train.use_distributed_optimizer=true (the parameter "
+                "all-gather is the distributed optimizer's); set train.overlap_param_gather=false with "
+                "train.use_distributed_optimizer=false"
             )
 
 

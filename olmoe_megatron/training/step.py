@@ -35,7 +35,8 @@ def wrap_ddp(
         overlap_grad_reduce=train.overlap_grad_reduce,
         overlap_param_gather=train.overlap_param_gather,
         use_distributed_optimizer=train.use_distributed_optimizer,
-        bucket_size=None,
+        # None: Megatron's max(40M, 1M x DP) parameters with overlap on; one bucket with it off.
+        bucket_size=train.ddp_bucket_size,
     )
     return [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=(i > 0))

@@ -28,7 +28,7 @@ from olmoe_megatron.run_config import RunConfig
 from olmoe_megatron.training.checkpoint import Progress, load_checkpoint, save_checkpoint
 from olmoe_megatron.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from olmoe_megatron.training.faults import Faults
-from olmoe_megatron.training.metrics import MetricsWriter, job_peak_flops
+from olmoe_megatron.training.metrics import MetricsWriter, job_peak, peak_memory_fields, throughput_fields
 from olmoe_megatron.training.moe_metrics import ExpertLoadCounter
 from olmoe_megatron.training.schedule import learning_rate
 from olmoe_megatron.training.step import attach_training_hooks, build_optimizer, set_learning_rate, train_step, wrap_ddp
@@ -99,8 +99,10 @@ def train(run: RunConfig) -> int:
     jsonl = run.metrics.jsonl or (os.path.join(run.checkpoint.dir, "metrics.jsonl") if run.checkpoint.dir else None)
     writer = MetricsWriter(enabled=context.is_logging_rank, jsonl=jsonl, tensorboard_dir=run.metrics.tensorboard_dir,
                            log_interval=train_cfg.log_interval)
-    peak_flops, peak_source = job_peak_flops(run.precision.torch_dtype, fp8=run.precision.fp8 is not None,
-                                             override=run.metrics.peak_flops)
+    peak = job_peak(run.precision.torch_dtype, fp8=run.precision.fp8 is not None, override=run.metrics.peak_flops)
+    if math.isnan(peak.flops) and context.is_logging_rank:
+        logger.warning("MFU is NaN in every record: %s (the GPU's dense %s peak FLOP/s per GPU, e.g. "
+                       "--metrics.peak_flops=989e12 for an H100 SXM in bf16)", peak.source, peak.kind)
     if not context.uses_cuda and run.precision.dtype == "bf16":
         _warn_if_cpu_bf16_is_slow(context)
     flops_per_token = model_cfg.flops_per_token(train_cfg.seq_length)
@@ -108,7 +110,7 @@ def train(run: RunConfig) -> int:
     if run.metrics.expert_load and model_cfg.is_moe:
         load_counter = ExpertLoadCounter(model_cfg.num_layers, model_cfg.num_experts).attach(chunks)
     logger.info("training %s: %s; steps %d..%d; MFU peak %.3g FLOP/s (%s)", run.name,
-                run.parallel.describe(context.world_size), progress.step, steps, peak_flops, peak_source)
+                run.parallel.describe(context.world_size), progress.step, steps, peak.flops, peak.source)
 
     def save() -> None:
         if run.checkpoint.dir:
@@ -120,26 +122,29 @@ def train(run: RunConfig) -> int:
     batch_iter = iter(batches)
     try:
         while progress.step < steps:
+            wait_start = time.perf_counter()
             micro_batches = next(batch_iter)
+            data_wait_s = time.perf_counter() - wait_start
             lr = learning_rate(train_cfg, progress.tokens)
             set_learning_rate(optimizer, lr)
             faults.arm(progress.step + 1)
             start = time.perf_counter()
             result = train_step(models, optimizer, micro_batches, context, model_config=model_cfg,
                                 seq_length=train_cfg.seq_length, expert_load=load_counter)
-            elapsed = time.perf_counter() - start
+            compute_s = time.perf_counter() - start
             progress.step += 1
             progress.consumed_samples += train_cfg.global_batch_size
             progress.tokens += train_cfg.tokens_per_step
             progress.nonfinite_streak = 0 if result.finite else progress.nonfinite_streak + 1
-            tokens_per_s = train_cfg.tokens_per_step / elapsed
             writer.write({
                 "step": progress.step, "lm_loss": result.lm_loss, "lb_loss": result.lb_loss,
                 "z_loss": result.z_loss, "grad_norm": result.grad_norm, "lr": lr, "tokens": progress.tokens,
-                "step_time_s": elapsed, "tokens_per_s": tokens_per_s,
-                "model_tflops": tokens_per_s * flops_per_token / 1e12,
-                "mfu": tokens_per_s * flops_per_token / peak_flops, "skipped": not result.updated,
-                "peak_mem_bytes": _peak_memory_bytes(context), "layout": run.parallel.describe(context.world_size),
+                **throughput_fields(tokens_per_step=train_cfg.tokens_per_step, data_wait_s=data_wait_s,
+                                    compute_s=compute_s, flops_per_token=flops_per_token, peak=peak),
+                "skipped": not result.updated,
+                # Peaks since the previous record (CUDA: reset after reading; CPU: the process's peak RSS).
+                **peak_memory_fields(uses_cuda=context.uses_cuda),
+                "layout": run.parallel.describe(context.world_size),
                 "expert_load": result.expert_load,
             })
             if not result.finite:
@@ -184,16 +189,8 @@ def _warn_if_cpu_bf16_is_slow(context: ParallelContext) -> None:
 
 
 def _build_dataset(run: RunConfig, context: ParallelContext, *, num_samples: int):
-    """Rank 0 builds corpora and index caches first; the others then open what it built."""
-    kwargs = dict(seq_length=run.train.seq_length, num_samples=num_samples, vocab_size=run.model.vocab_size)
-    dataset = run.data.build(**kwargs) if context.rank == 0 else None
-    dist.barrier()
-    return dataset if dataset is not None else run.data.build(**kwargs)
-
-
-def _peak_memory_bytes(context: ParallelContext) -> int:
-    if context.uses_cuda:
-        return int(torch.cuda.max_memory_allocated())
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """Every rank builds the dataset at once: each corpus, tokenizer and index cache is built by the
+    first rank to take its file lock while the others wait on that lock, not in a collective whose
+    timeout a large corpus could outlast."""
+    del context  # no rank is special here
+    return run.data.build(seq_length=run.train.seq_length, num_samples=num_samples, vocab_size=run.model.vocab_size)

@@ -28,6 +28,10 @@ LAYOUTS = {
         ("dp2_distopt", MODEL, {}, dict(use_distributed_optimizer=True)),
         ("dp2_distopt_overlap", MODEL, {}, dict(use_distributed_optimizer=True, overlap_grad_reduce=True,
                                                 overlap_param_gather=True)),
+        # Megatron's default bucket (40M parameters) holds all of olmoe_tiny: 100k makes many buckets,
+        # each reduced while backward goes on (as in olmoe_1b_7b's 256M-parameter buckets at DP 256).
+        ("dp2_distopt_overlap_buckets", MODEL, {}, dict(use_distributed_optimizer=True, overlap_grad_reduce=True,
+                                                        overlap_param_gather=True, ddp_bucket_size=100_000)),
     ],
     4: [
         ("ep4", MODEL, dict(expert_parallel=4), {}),
