@@ -128,6 +128,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         tmp.mkdir()
     dist.barrier()
+    _finish_param_gather(models)
     model_sd = model_sharded_state_dict(models)
     state = {
         **model_sd,
@@ -156,6 +157,16 @@ def save_checkpoint(
     dist.barrier()
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def _finish_param_gather(models: list) -> None:
+    """With overlapped parameter gather, a step's all-gather of the distributed optimizer's updated
+    shards runs in the next forward: before that, each rank's weights hold only its own shard's
+    update. Gather now (synchronously; the next forward's gather then fetches the same values), so
+    the checkpoint holds the weights the optimizer produced, as Megatron-LM does before saving."""
+    for model in models:
+        if getattr(getattr(model, "ddp_config", None), "overlap_param_gather", False):
+            model.start_param_sync(force_sync=True)
 
 
 def _prune(root: Path, *, keep_last: int, newest: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from olmoe_megatron.config.base import config_to_dict
 from olmoe_megatron.recipes import get_recipe
-from olmoe_megatron.testing.distributed import get_pool
+from olmoe_megatron.testing.distributed import get_pool, standalone_env
 from olmoe_megatron.testing.training_runs import read_metrics, train_run, write_synthetic_corpus
 from olmoe_megatron.training.exit_codes import EXIT_NONFINITE, EXIT_OK
 
@@ -90,6 +90,41 @@ def test_resume_is_bit_exact(corpus, tmp_path):
     assert pool.run(train_run, tiny_run(corpus, stopped, steps=6, layout=layout, train=opt)) == [0, 0]
     assert losses(stopped) == losses(straight)
     assert sorted(losses(stopped)) == [1, 2, 3, 4, 5, 6]
+
+
+def _saved_model_tensors(step_dir: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = step_dir.parent / f"{step_dir.name}.pt"
+    dcp_to_torch_save(str(step_dir), str(out))
+    import torch
+
+    return {k: v for k, v in torch.load(out, weights_only=True).items() if not k.startswith("optimizer")
+            and torch.is_tensor(v)}
+
+
+def test_overlapped_param_gather_saves_the_current_weights(corpus, tmp_path):
+    """With overlapped reduce and gather (the GPU recipes' setting) a step's parameter all-gather runs
+    in the next forward; a checkpoint saved after the step must still hold every rank's updated
+    shard: its weights equal those of the same run without overlap (DP2 of the dense weights)."""
+    pool = get_pool(2)
+    layout = {"expert_parallel": 2}
+    runs = {}
+    for overlap in (False, True):
+        root = tmp_path / f"overlap_{overlap}"
+        opt = {"use_distributed_optimizer": True, "overlap_grad_reduce": overlap, "overlap_param_gather": overlap}
+        assert pool.run(train_run, tiny_run(corpus, root, steps=3, layout=layout, train=opt)) == [0, 0]
+        runs[overlap] = (losses(root), _saved_model_tensors(root / "ckpt" / "step_0000003"))
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1].keys() == runs[False][1].keys() and len(runs[True][1]) > 10
+    for key, value in runs[False][1].items():
+        assert torch_equal(runs[True][1][key], value), key
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
 
 
 def test_bf16_resume_with_cpu_kernels_is_bit_exact(pool1, corpus, tmp_path):
@@ -196,9 +231,7 @@ def test_killed_during_save_leaves_previous_checkpoint(corpus, tmp_path):
 
     config.write_text(yaml.safe_dump(run))
     # a fresh single-process job: none of a surrounding process group's rendezvous variables
-    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
-    env.update(OLMOE_FAULT_DIE_DURING_SAVE="4", OMP_NUM_THREADS="1")
+    env = standalone_env(OLMOE_FAULT_DIE_DURING_SAVE="4", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "olmoe_megatron.launcher.cli", "train", "--config", str(config)]
     # its own process group: the fault hook kills the whole group, as a node failure would
     died = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
