@@ -9,6 +9,13 @@ in OLMoE-1B-7B, applied before the head split. Megatron's qk_layernorm normalise
 head: a different function and a different checkpoint shape. Under tensor parallelism each rank
 holds a slice of the heads, so the sum of squares is all-reduced over the TP group and the weight
 is sharded like the projection's columns.
+
+On GPUs (bf16/fp16 inputs) both run `_LeanRMSNorm`, an autograd function that keeps for backward
+the input in its own dtype (2 bytes an element) and the fp32 reciprocal RMS per row, where autograd
+over the fp32 graph keeps an fp32 copy of the input (QK-norm: two, one per fp32 cast) plus the
+normalised bf16 tensor: 6 bytes an element (QK-norm 10) against 2 (tests/model/test_norms.py counts
+them). CPU runs keep their paths (the C kernel in bf16; fp32 is the reference whose bits the golden
+losses pin).
 """
 
 from __future__ import annotations
@@ -25,6 +32,56 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from olmoe_megatron.ops.cpu import kernels_apply, rms_norm_bf16
 
 
+class _LeanRMSNorm(torch.autograd.Function):
+    """`weight * bf16(x * rstd)`, rstd = (sum(x^2) / width + eps)^-1/2 over the last dimension in fp32,
+    the sum all-reduced over `group` when the width is split over it (full-width QK-norm under TP).
+
+    Saves x (its own dtype), the weight and rstd [rows, 1] (fp32); backward recomputes x * rstd.
+    Forward is the same arithmetic as the fp32-graph path; backward differs only in the order of
+    fp32 sums.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, group, width: int) -> torch.Tensor:
+        x32 = x.float()
+        if group is None:
+            mean_square = x32.pow(2).mean(-1, keepdim=True)
+        else:
+            square_sum = x32.pow(2).sum(-1, keepdim=True)
+            dist.all_reduce(square_sum, group=group)
+            mean_square = square_sum / width
+        rstd = torch.rsqrt(mean_square + eps)
+        normalized = (x32 * rstd).to(x.dtype)
+        del x32
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.group, ctx.width = group, width
+        return weight * normalized
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        grad_y = grad_y.to(x.dtype)
+        x32 = x.float()
+        normalized = (x32 * rstd).to(x.dtype)
+        grad_weight = (grad_y * normalized).float().reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_normalized32 = (grad_y * weight).float()
+        row = (grad_normalized32 * x32).sum(-1, keepdim=True)
+        if ctx.group is not None:
+            dist.all_reduce(row, group=ctx.group)
+        grad_x = rstd * grad_normalized32 - x32 * (rstd.pow(3) * row / ctx.width)
+        return grad_x.to(x.dtype), grad_weight, None, None, None
+
+
+def lean_norm_applies(x: torch.Tensor) -> bool:
+    """The GPU path: half-precision inputs on CUDA (module doc)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def lean_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, group=None, width: int | None = None) -> torch.Tensor:
+    """`_LeanRMSNorm` of x over its last dimension (of global width `width` when split over `group`)."""
+    return _LeanRMSNorm.apply(x, weight, eps, group, width if width is not None else x.shape[-1])
+
+
 def rms_normalize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, mean_square: torch.Tensor | None = None) -> torch.Tensor:
     """`weight * (x / sqrt(mean(x^2) + eps))`, computed in fp32, cast back before the weight.
 
@@ -32,6 +89,8 @@ def rms_normalize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, mean_squ
     """
     if mean_square is None and kernels_apply(x, weight):
         return rms_norm_bf16(x, weight, eps)
+    if mean_square is None and lean_norm_applies(x):
+        return lean_rms_norm(x, weight, eps)
     x32 = x.float()
     if mean_square is None:
         mean_square = x32.pow(2).mean(-1, keepdim=True)
@@ -100,6 +159,10 @@ class FullWidthQKNorm(torch.nn.Module):
         flat = x.reshape(s, b, heads * head_dim)
         if self.tp_size == 1 and kernels_apply(flat, self.weight):
             return rms_norm_bf16(flat, self.weight, self.eps).view(s, b, heads, head_dim)
+        if lean_norm_applies(flat):
+            group = parallel_state.get_tensor_model_parallel_group() if self.tp_size > 1 else None
+            out = lean_rms_norm(flat, self.weight, self.eps, group=group, width=self.full_width)
+            return out.view(s, b, heads, head_dim)
         square_sum = flat.float().pow(2).sum(-1, keepdim=True)
         if self.tp_size > 1:
             square_sum = _AllReduceBothWays.apply(square_sum, parallel_state.get_tensor_model_parallel_group())
