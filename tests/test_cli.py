@@ -42,14 +42,14 @@ def test_dry_run_world_size_zero_is_an_error(capsys):
 def test_first_screen_has_no_known_megatron_noise(tmp_path):
     """`olmoe train` prints none of the warnings the structure issue found on every start (their causes
     are fixed, or filtered with the reason next to the filter)."""
-    import os
     import subprocess
     import sys
 
+    from olmoe_megatron.testing.distributed import standalone_env
     from olmoe_megatron.testing.training_runs import write_synthetic_corpus
 
     corpus = write_synthetic_corpus(tmp_path / "corpus")
-    env = {**os.environ, "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1"}
+    env = standalone_env(PYTHONWARNINGS="default", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "olmoe_megatron.launcher.cli", "train", "--recipe", "olmoe_tiny",
            f"--data.paths=[{corpus}]", "--data.demo_corpus=false", f"--data.cache_dir={tmp_path / 'index'}",
            "--train.max_steps=1", "--checkpoint.dir=null", "--train.use_distributed_optimizer=true"]

@@ -3,17 +3,18 @@ first GPU session finds it working: the step with expert-load metrics, overlap, 
 round trip whose two losses agree."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from olmoe_megatron.testing.distributed import standalone_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_slice_script_cpu_smoke(tmp_path):
     out = tmp_path / "slice.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = standalone_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/olmoe_slice.py"), "--cpu-smoke", "--layers", "2",
                            "--json", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -157,6 +157,18 @@ class DistributedPool:
 _POOLS: dict[int, DistributedPool] = {}
 
 
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def standalone_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without torch.distributed's rendezvous variables, plus `overrides`:
+    for a child process that must start its own world (a test process that converted a checkpoint
+    holds a world of one on MASTER_PORT, which a child inheriting it would try to bind again)."""
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    env.update(overrides)
+    return env
+
+
 def get_pool(world_size: int) -> DistributedPool:
     """The live pool of `world_size` ranks, started on first use (and again after a failure)."""
     pool = _POOLS.get(world_size)
