@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from olmoe_megatron.config.base import config_to_dict
 from olmoe_megatron.recipes import get_recipe
@@ -54,8 +55,6 @@ def test_golden_losses(pool1, corpus, tmp_path):
     assert len(got) == 20 and got[-1] < got[0] - 0.5
     # fp32 results differ in the last bits between CPU code paths (MKL and torch's kernels on AVX-512
     # against AVX2): the golden file holds one list per CPU capability.
-    import torch
-
     capability = torch.backends.cpu.get_cpu_capability()
     golden = json.loads(GOLDEN.read_text())
     if os.environ.get("OLMOE_UPDATE_GOLDEN"):
@@ -97,8 +96,6 @@ def _saved_model_tensors(step_dir: Path) -> dict:
 
     out = step_dir.parent / f"{step_dir.name}.pt"
     dcp_to_torch_save(str(step_dir), str(out))
-    import torch
-
     return {k: v for k, v in torch.load(out, weights_only=True).items() if not k.startswith("optimizer")
             and torch.is_tensor(v)}
 
@@ -118,13 +115,7 @@ def test_overlapped_param_gather_saves_the_current_weights(corpus, tmp_path):
     assert runs[True][0] == runs[False][0]
     assert runs[True][1].keys() == runs[False][1].keys() and len(runs[True][1]) > 10
     for key, value in runs[False][1].items():
-        assert torch_equal(runs[True][1][key], value), key
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
+        assert torch.equal(runs[True][1][key], value), key
 
 
 def test_bf16_resume_with_cpu_kernels_is_bit_exact(pool1, corpus, tmp_path):
@@ -230,7 +221,7 @@ def test_killed_during_save_leaves_previous_checkpoint(corpus, tmp_path):
     import yaml
 
     config.write_text(yaml.safe_dump(run))
-    # a fresh single-process job: none of a surrounding process group's rendezvous variables
+    # a fresh single-process job, without the rendezvous variables of a world this process holds
     env = standalone_env(OLMOE_FAULT_DIE_DURING_SAVE="4", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "olmoe_megatron.launcher.cli", "train", "--config", str(config)]
     # its own process group: the fault hook kills the whole group, as a node failure would
