@@ -91,7 +91,7 @@ def train(run: RunConfig) -> int:
         if plan.reset_data_position:
             progress.consumed_samples = 0
     steps = total_steps(run)
-    dataset = _build_dataset(run, context, num_samples=max(steps, 1) * train_cfg.global_batch_size)
+    dataset = _build_dataset(run, num_samples=max(steps, 1) * train_cfg.global_batch_size)
     batches = MicroBatchIterator(dataset, global_batch_size=train_cfg.global_batch_size,
                                  micro_batch_size=train_cfg.micro_batch_size, dp_rank=context.dp_rank,
                                  dp_size=context.dp_size, consumed_samples=progress.consumed_samples)
@@ -188,9 +188,8 @@ def _warn_if_cpu_bf16_is_slow(context: ParallelContext) -> None:
                        bf16 / 1e9, fp32 / 1e9)
 
 
-def _build_dataset(run: RunConfig, context: ParallelContext, *, num_samples: int):
+def _build_dataset(run: RunConfig, *, num_samples: int):
     """Every rank builds the dataset at once: each corpus, tokenizer and index cache is built by the
     first rank to take its file lock while the others wait on that lock, not in a collective whose
     timeout a large corpus could outlast."""
-    del context  # no rank is special here
     return run.data.build(seq_length=run.train.seq_length, num_samples=num_samples, vocab_size=run.model.vocab_size)
