@@ -79,15 +79,7 @@ def pad_rows(rows_TX: torch.Tensor, counts: list[int], padded: list[int]) -> tor
     Raises:
         KernelArgumentError: rows not on CPU, counts that do not sum to T, or padded[e] < counts[e].
     """
-    kernel = "pad_rows"
-    check_tensor(kernel, "rows_TX", rows_TX, dtype=None, min_dim=1, contiguous=False)
-    _check_layout(kernel, counts, padded)
-    if sum(counts) != rows_TX.shape[0]:
-        raise fail(kernel, "counts", f"sum to {sum(counts)}", f"the {rows_TX.shape[0]} rows of rows_TX")
-    rows_TX = rows_TX.contiguous()
-    out = rows_TX.new_empty((sum(padded), *rows_TX.shape[1:]))
-    _pad_call(kernel, rows_TX, out, counts, padded, unpad=False)
-    return out
+    return _move_rows("pad_rows", "rows_TX", rows_TX, counts, padded, unpad=False)
 
 
 def unpad_rows(rows_PX: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
@@ -96,14 +88,22 @@ def unpad_rows(rows_PX: torch.Tensor, counts: list[int], padded: list[int]) -> t
     Raises:
         KernelArgumentError: rows not on CPU, padded counts that do not sum to P, or padded[e] < counts[e].
     """
-    kernel = "unpad_rows"
-    check_tensor(kernel, "rows_PX", rows_PX, dtype=None, min_dim=1, contiguous=False)
+    return _move_rows("unpad_rows", "rows_PX", rows_PX, counts, padded, unpad=True)
+
+
+def _move_rows(kernel: str, name: str, src: torch.Tensor, counts: list[int], padded: list[int], *,
+               unpad: bool) -> torch.Tensor:
+    """pad_rows / unpad_rows: checks, then one C call from `src` ([sum(counts) or sum(padded), ...])
+    into a new tensor of the other row count."""
+    check_tensor(kernel, name, src, dtype=None, min_dim=1, contiguous=False)
     _check_layout(kernel, counts, padded)
-    if sum(padded) != rows_PX.shape[0]:
-        raise fail(kernel, "padded", f"sums to {sum(padded)}", f"the {rows_PX.shape[0]} rows of rows_PX")
-    rows_PX = rows_PX.contiguous()
-    out = rows_PX.new_empty((sum(counts), *rows_PX.shape[1:]))
-    _pad_call(kernel, rows_PX, out, counts, padded, unpad=True)
+    have, want = (padded, counts) if unpad else (counts, padded)
+    if sum(have) != src.shape[0]:
+        field, verb = ("padded", "sums to") if unpad else ("counts", "sum to")
+        raise fail(kernel, field, f"{verb} {sum(have)}", f"the {src.shape[0]} rows of {name}")
+    src = src.contiguous()
+    out = src.new_empty((sum(want), *src.shape[1:]))
+    _pad_call(kernel, src, out, counts, padded, unpad=unpad)
     return out
 
 
