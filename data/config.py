@@ -80,7 +80,7 @@ class DataConfig(Config):
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_index_cache_dir()
 
-    def build(self, *, seq_length: int, num_samples: int, vocab_size: int):
+    def build(self, *, seq_length: int, num_samples: int, vocab_size: int, heldout_share: float = 0.0):
         """The trainer's dataset: `num_samples` samples of `seq_length` tokens, in a global order.
 
         Cheap on every rank: index caches are built once under a file lock and memory-mapped.
@@ -89,6 +89,8 @@ class DataConfig(Config):
             seq_length: Tokens per sample.
             num_samples: Samples the run will read (train_iters * global_batch_size).
             vocab_size: Model vocabulary; a token id >= it raises DataError when read.
+            heldout_share: Share of every source's documents (OLMo order: windows) that the order
+                never draws, kept for evaluation (the run's `eval.heldout_share`).
 
         Returns:
             A picklable `TokenDataset`.
@@ -107,17 +109,20 @@ class DataConfig(Config):
             )
         cache_dir = self.resolved_cache_dir()
         plan = DatasetPlan(
-            order=self.order, groups=self._token_groups(cache_dir), weights=self.weights, seq_length=seq_length,
+            order=self.order, groups=self.token_groups(cache_dir), weights=self.weights, seq_length=seq_length,
             num_samples=num_samples, vocab_size=vocab_size, seed=self.seed, eos_token_id=self.eos_token_id,
             index_cache_dir=str(cache_dir), mask_repeated_ngrams=self.mask_repeated_ngrams,
             repetition_max_period=self.repetition_max_period, repetition_min_repeats=self.repetition_min_repeats,
+            heldout_share=heldout_share,
         )
         return TokenDataset(plan)
 
-    def _token_groups(self, cache_dir: Path):
+    def token_groups(self, cache_dir: Path | None = None):
+        """The token files of each path (weight group), building the demo corpus when there are none."""
         from olmoe_megatron.data.corpus import build_demo_corpus
         from olmoe_megatron.data.token_files import expand_path, megatron_file, npy_file
 
+        cache_dir = self.resolved_cache_dir() if cache_dir is None else cache_dir
         paths = self.paths
         if not paths:
             paths = (str(build_demo_corpus(cache_dir / "demo_corpus", tokenizer_path=self.tokenizer,

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from olmoe_megatron.data.heldout import kept_items
 from olmoe_megatron.data.index_cache import cached_arrays
 from olmoe_megatron.data.megatron_format import open_indexed_dataset
 
@@ -45,8 +46,9 @@ def _gpt_dataset_class():
     class LockedCacheGPTDataset(GPTDataset):
         """GPTDataset whose indices are built once under a file lock and memory-mapped."""
 
-        def __init__(self, *args, index_cache_dir: str, **kwargs) -> None:
+        def __init__(self, *args, index_cache_dir: str, heldout_share: float = 0.0, **kwargs) -> None:
             self._index_cache_dir = index_cache_dir
+            self._heldout_share = heldout_share
             super().__init__(*args, **kwargs)
 
         def _build_document_sample_shuffle_indices(self):
@@ -59,8 +61,10 @@ def _gpt_dataset_class():
                     arrays = parent_build()
                 return dict(zip(_INDEX_NAMES, arrays))
 
-            arrays = cached_arrays(self._index_cache_dir, kind="GPTDataset",
-                                   description={"megatron_description": self.unique_description},
+            description = {"megatron_description": self.unique_description}
+            if self._heldout_share:  # Megatron's description does not name the documents it draws from
+                description["heldout_share"] = self._heldout_share
+            arrays = cached_arrays(self._index_cache_dir, kind="GPTDataset", description=description,
                                    names=_INDEX_NAMES, build=build)
             return tuple(arrays[name] for name in _INDEX_NAMES)
 
@@ -92,10 +96,12 @@ class MegatronOrderSource:
         seed: GPTDataset's random_seed.
         eod_token_id: End-of-document id (kept in the cache description, as Megatron does).
         index_cache_dir: Where the index cache lives.
+        heldout_share: Share of the documents held out for evaluation (data/heldout.py); the order
+            never draws them.
     """
 
     def __init__(self, prefix: str, *, seq_length: int, num_samples: int, seed: int, eod_token_id: int,
-                 index_cache_dir: str | os.PathLike) -> None:
+                 index_cache_dir: str | os.PathLike, heldout_share: float = 0.0) -> None:
         from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
         from megatron.core.datasets.utils import Split
 
@@ -106,9 +112,9 @@ class MegatronOrderSource:
             path_to_cache="", tokenizer=TokenIds(eod_token_id), reset_position_ids=False,
             reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
         )
-        indices = np.arange(len(indexed), dtype=np.int32)
+        indices = kept_items(len(indexed), heldout_share, source=f"{self.prefix}.bin").astype(np.int32)
         self.dataset = _gpt_dataset_class()(indexed, self.prefix, indices, num_samples, Split.train, config,
-                                            index_cache_dir=str(index_cache_dir))
+                                            index_cache_dir=str(index_cache_dir), heldout_share=heldout_share)
         self.num_tokens = int(indexed.sequence_lengths.sum(dtype=np.int64))
 
     def __len__(self) -> int:

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from olmoe_megatron.data.heldout import kept_items
 from olmoe_megatron.data.index_cache import cached_arrays
 
 
@@ -31,10 +32,12 @@ class OlmoOrderSource:
         num_samples: Instances that will be read (sets how many epoch permutations are cached).
         seed: Base seed; epoch e uses seed + e.
         index_cache_dir: Where the permutations are cached.
+        heldout_share: Share of the windows held out for evaluation (data/heldout.py); the order
+            permutes the kept windows only.
     """
 
     def __init__(self, files: list[tuple[str, np.dtype]], *, seq_length: int, num_samples: int, seed: int,
-                 index_cache_dir: str | os.PathLike) -> None:
+                 index_cache_dir: str | os.PathLike, heldout_share: float = 0.0) -> None:
         self.files = [(str(path), np.dtype(dtype)) for path, dtype in files]
         self.seq_length = seq_length
         self.seed = seed
@@ -48,9 +51,17 @@ class OlmoOrderSource:
             raise DataError(f"{', '.join(p for p, _ in self.files)}: fewer than seq_length={seq_length} tokens "
                             f"per file, so OLMo's order has no instance; use shorter sequences or more data")
         self.num_tokens = int(sum(t.shape[0] for t in self._tokens))
+        # With a held-out share, positions of the permutation index the kept windows.
+        self._kept = None
+        if heldout_share:
+            self._kept = kept_items(self.num_instances, heldout_share, source=", ".join(p for p, _ in self.files),
+                                    unit=f"windows of {seq_length} tokens")
+            self.num_instances = len(self._kept)
         num_epochs = -(-num_samples // self.num_instances)
         description = {"files": [(os.path.abspath(p), os.path.getsize(p), str(d)) for p, d in self.files],
                        "seq_length": seq_length, "seed": seed}
+        if heldout_share:
+            description["heldout_share"] = heldout_share
         self._orders = [
             cached_arrays(index_cache_dir, kind="olmo-order", description={**description, "epoch": epoch},
                           names=("order",),
@@ -65,6 +76,8 @@ class OlmoOrderSource:
     def _locate(self, index: int) -> tuple[int, int]:
         epoch, position = divmod(index, self.num_instances)
         instance = int(self._orders[epoch][position])
+        if self._kept is not None:
+            instance = int(self._kept[instance])
         file_index = int(np.searchsorted(self._first_window, instance, side="right")) - 1
         return file_index, (instance - int(self._first_window[file_index])) * self.seq_length
 

@@ -36,23 +36,26 @@ class DatasetPlan:
     mask_repeated_ngrams: bool
     repetition_max_period: int
     repetition_min_repeats: int
+    heldout_share: float = 0.0
+    """Share of each source's documents (OLMo order: windows) held out for evaluation, never drawn."""
 
 
-def _sources_and_weights(plan: DatasetPlan) -> tuple[list[list[TokenFile]], list[float] | None]:
-    """Splits groups into sample sources: Megatron order reads one prefix per source (a group's files
-    share its weight by tokens); OLMo order concatenates a group's files, or all files when unweighted."""
-    if plan.order == "olmo":
-        if plan.weights is None:
-            return [[f for group in plan.groups for f in group]], None
-        return [list(group) for group in plan.groups], list(plan.weights)
-    group_weights = plan.weights or [sum(f.num_tokens for f in group) for group in plan.groups]
-    sources, weights = [], []
-    for group, weight in zip(plan.groups, normalize_weights(group_weights)):
+def split_sources(order: str, groups, weights) -> tuple[list[list[TokenFile]], list[float] | None]:
+    """Splits weight groups into sample sources: Megatron order reads one prefix per source (a group's
+    files share its weight by tokens); OLMo order concatenates a group's files, or all files when
+    unweighted. Each source is also the unit a held-out share is taken from."""
+    if order == "olmo":
+        if weights is None:
+            return [[f for group in groups for f in group]], None
+        return [list(group) for group in groups], list(weights)
+    group_weights = weights or [sum(f.num_tokens for f in group) for group in groups]
+    sources, source_weights = [], []
+    for group, weight in zip(groups, normalize_weights(group_weights)):
         group_tokens = sum(f.num_tokens for f in group)
         for token_file in group:
             sources.append([token_file])
-            weights.append(weight * token_file.num_tokens / group_tokens)
-    return sources, (weights if len(sources) > 1 else None)
+            source_weights.append(weight * token_file.num_tokens / group_tokens)
+    return sources, (source_weights if len(sources) > 1 else None)
 
 
 class TokenDataset:
@@ -68,7 +71,7 @@ class TokenDataset:
 
     def _open(self) -> None:
         plan = self.plan
-        sources, weights = _sources_and_weights(plan)
+        sources, weights = split_sources(plan.order, plan.groups, plan.weights)
         if weights is None:
             self._sources = [self._make_source(sources[0], plan.num_samples)]
             self._blend = None
@@ -88,12 +91,13 @@ class TokenDataset:
             from olmoe_megatron.data.olmo_order import OlmoOrderSource
 
             return OlmoOrderSource([(f.raw_path, np.dtype(f.dtype)) for f in files], seq_length=plan.seq_length,
-                                   num_samples=num_samples, seed=plan.seed, index_cache_dir=plan.index_cache_dir)
+                                   num_samples=num_samples, seed=plan.seed, index_cache_dir=plan.index_cache_dir,
+                                   heldout_share=plan.heldout_share)
         from olmoe_megatron.data.megatron_order import MegatronOrderSource
 
         return MegatronOrderSource(files[0].megatron_prefix, seq_length=plan.seq_length, num_samples=num_samples,
                                    seed=plan.seed, eod_token_id=plan.eos_token_id,
-                                   index_cache_dir=plan.index_cache_dir)
+                                   index_cache_dir=plan.index_cache_dir, heldout_share=plan.heldout_share)
 
     def __len__(self) -> int:
         return self.plan.num_samples
