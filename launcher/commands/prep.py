@@ -1,6 +1,8 @@
-"""`olmoe prep`: tokenize raw text, convert token formats, pack zarr archives, build the demo corpus.
+"""`olmoe prep`: tokenize raw text, convert token formats, pack zarr archives, build the demo corpus,
+convert multiple-choice tasks.
 
-Thin: every subcommand parses its flags and calls one function of `olmoe_megatron.data`.
+Thin: every subcommand parses its flags and calls one function of `olmoe_megatron.data` (mc-task:
+of `olmoe_megatron.evaluation.task_formats`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 
 
 NAME = "prep"
-HELP = "prepare token data: tokenize, convert, zarr-pack/zarr-unpack, demo-corpus, tokenizer"
+HELP = "prepare token data: tokenize, convert, zarr-pack/zarr-unpack, demo-corpus, tokenizer, mc-task"
 
 
 def _size(text: str) -> int:
@@ -67,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     tokenizer = sub.add_parser("tokenizer", help="fetch and cache OLMoE's tokenizer; print its path")
     tokenizer.add_argument("--cache-dir", default=None)
+
+    task = sub.add_parser("mc-task", help="public multiple-choice files (hellaswag, arc, piqa, mmlu) -> task JSONL")
+    task.add_argument("--layout", choices=("hellaswag", "arc", "piqa", "mmlu"), required=True)
+    task.add_argument("--input", nargs="+", required=True, metavar="FILE", help="local .jsonl/.json/.parquet files")
+    task.add_argument("--output", required=True, help="task .jsonl to write (an eval.tasks entry)")
+    task.add_argument("--limit", type=int, default=None, help="convert only the first N records")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,5 +147,13 @@ def _tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mc_task(args: argparse.Namespace) -> int:
+    from olmoe_megatron.evaluation.task_formats import convert_task
+
+    count = convert_task(args.layout, args.input, args.output, limit=args.limit)
+    print(f"wrote {count} {args.layout} items to {args.output}")
+    return 0
+
+
 _STEPS = {"tokenize": _tokenize, "convert": _convert, "zarr-pack": _zarr_pack, "zarr-unpack": _zarr_unpack,
-          "demo-corpus": _demo_corpus, "tokenizer": _tokenizer}
+          "demo-corpus": _demo_corpus, "tokenizer": _tokenizer, "mc-task": _mc_task}
