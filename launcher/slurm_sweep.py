@@ -97,6 +97,8 @@ def summarize(files: list[Path], *, num_warmup_steps: int = 1) -> list[LayoutSum
     sources: dict[str, list[str]] = {}
     for path in files:
         for record in read_records(path):
+            if record.get("kind") == "eval":  # evaluation records carry no step timing
+                continue
             name = layout_name(record["layout"]) if "layout" in record else path.stem
             by_layout.setdefault(name, []).append(record)
             if str(path) not in sources.setdefault(name, []):

@@ -6,6 +6,7 @@ import dataclasses
 
 from olmoe_megatron.config import Config, ConfigError
 from olmoe_megatron.data.config import DataConfig
+from olmoe_megatron.evaluation.config import EvalConfig
 from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.megatron_config import selective_recompute_modules
 from olmoe_megatron.model.precision import PrecisionConfig, check_fp8_moe_act_recompute
@@ -15,7 +16,7 @@ from olmoe_megatron.training.config import CheckpointConfig, MetricsConfig, Trai
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class RunConfig(Config):
-    """A whole run: model, parallel layout, precision, training, data, checkpoints, metrics."""
+    """A whole run: model, parallel layout, precision, training, data, checkpoints, metrics, evaluation."""
 
     name: str = "run"
     """Run name (logs, Slurm job names)."""
@@ -26,6 +27,7 @@ class RunConfig(Config):
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(demo_corpus=True))
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         if self.train.seq_length > self.model.max_sequence_length:

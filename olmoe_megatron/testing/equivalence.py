@@ -3,14 +3,17 @@
 A reference process saves its initial weights and records one training step; each layout then
 loads those weights, trains one step on the same global batch split over its data-parallel ranks,
 and must report the same LM loss, load-balancing loss, z-loss, gradient norm and loss after the
-optimizer update.
+optimizer update, and then the same evaluation: validation loss of fixed windows and the
+log-likelihood of each choice request (olmoe_megatron/evaluation).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from olmoe_megatron.checkpoint.weights import load_model, save_model
+from olmoe_megatron.evaluation.sources import EvalWindows
 from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
 from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.precision import PrecisionConfig
@@ -53,6 +56,44 @@ def micro_batches_for_rank(tokens: torch.Tensor, *, dp_rank: int, dp_size: int, 
     return out
 
 
+def eval_windows(*, num_windows: int, seq_length: int, vocab_size: int) -> EvalWindows:
+    """Fixed validation windows (a count no layout's micro-batches x DP divides: padding is exercised)."""
+    stream = global_batch(num_sequences=1, seq_length=num_windows * seq_length, vocab_size=vocab_size, seed=1)[0]
+    windows = stream[:num_windows * seq_length + 1].numpy()
+    index = np.arange(num_windows)[:, None] * seq_length + np.arange(seq_length + 1)[None, :]
+    rows = windows[index]
+    mask = np.ones((num_windows, seq_length), dtype=np.float32)
+    mask[0, :5] = 0.0  # a partly masked window: the mean is over counted tokens only
+    return EvalWindows("synthetic", rows[:, :-1].copy(), rows[:, 1:].copy(), mask, "random tokens")
+
+
+def choice_requests(*, num_requests: int, max_length: int, vocab_size: int) -> list[tuple[list[int], list[int]]]:
+    """Requests of varied lengths, some longer than `max_length` (truncated from the left)."""
+    generator = torch.Generator().manual_seed(2)
+    requests = []
+    for i in range(num_requests):
+        context_length = 1 + (7 * i) % (max_length + 4)
+        continuation_length = 1 + (3 * i) % 6
+        ids = torch.randint(0, vocab_size, (context_length + continuation_length,), generator=generator).tolist()
+        requests.append((ids[:context_length], ids[context_length:]))
+    return requests
+
+
+def evaluate_after_step(models, context, *, seq_length: int, vocab_size: int, micro_batch_size: int) -> dict:
+    """Validation loss of fixed windows and log-likelihoods of choice requests, forward only."""
+    from olmoe_megatron.evaluation.evaluator import pad_multiple
+    from olmoe_megatron.evaluation.forward import evaluation_mode
+    from olmoe_megatron.evaluation.scoring import choice_logliks, validation_loss
+
+    windows = eval_windows(num_windows=5, seq_length=seq_length, vocab_size=vocab_size)
+    requests = choice_requests(num_requests=11, max_length=seq_length, vocab_size=vocab_size)
+    with evaluation_mode(models):
+        loss = validation_loss(models, windows, context, micro_batch_size=micro_batch_size)
+        logliks = choice_logliks(models, requests, context, micro_batch_size=micro_batch_size + 1,
+                                 max_length=seq_length, pad_multiple=pad_multiple(context))
+    return {"eval_loss": loss["loss"], "eval_tokens": loss["tokens"], "choice_logliks": logliks.tolist()}
+
+
 def one_step(
     model_dict: dict,
     layout_dict: dict,
@@ -87,7 +128,10 @@ def one_step(
                                      micro_batch_size=micro_batch_size)
     result = train_step(models, optimizer, batches, context, model_config=model, seq_length=seq_length)
     loss_after = eval_loss(models, batches, context, seq_length=seq_length)
+    evaluation = evaluate_after_step(models, context, seq_length=seq_length, vocab_size=model.vocab_size,
+                                     micro_batch_size=micro_batch_size)
     return {
+        **evaluation,
         "lm_loss": result.lm_loss,
         "lb_loss": result.lb_loss,
         "z_loss": result.z_loss,

@@ -42,5 +42,7 @@ def train_run(run_dict: dict, *, env: dict[str, str] | None = None) -> int:
                 os.environ[key] = value
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: str | Path, *, kind: str = "train") -> list[dict]:
+    """The training records of a metrics JSONL file (kind='eval': its evaluation records)."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("kind", "train") == kind]

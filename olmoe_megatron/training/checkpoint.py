@@ -128,7 +128,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         tmp.mkdir()
     dist.barrier()
-    _finish_param_gather(models)
+    finish_param_gather(models)
     model_sd = model_sharded_state_dict(models)
     state = {
         **model_sd,
@@ -159,11 +159,12 @@ def save_checkpoint(
     return final
 
 
-def _finish_param_gather(models: list) -> None:
+def finish_param_gather(models: list) -> None:
     """With overlapped parameter gather, a step's all-gather of the distributed optimizer's updated
     shards runs in the next forward: before that, each rank's weights hold only its own shard's
     update. Gather now (synchronously; the next forward's gather then fetches the same values), so
-    the checkpoint holds the weights the optimizer produced, as Megatron-LM does before saving."""
+    a checkpoint (or an evaluation) sees the weights the optimizer produced, as Megatron-LM does
+    before saving and before evaluating."""
     for model in models:
         if getattr(getattr(model, "ddp_config", None), "overlap_param_gather", False):
             model.start_param_sync(force_sync=True)

@@ -219,6 +219,20 @@ class MetricsWriter:
         if record["step"] % self.log_interval == 0:
             print(format_line(record), flush=True)
 
+    def write_eval(self, *, step: int, tokens: int, metrics: dict[str, float]) -> None:
+        """An evaluation record: JSONL {"kind": "eval", "step", "tokens", "eval/<name>/<metric>": ...},
+        TensorBoard scalars under their own names, and one console line (always printed)."""
+        if not self.enabled:
+            return
+        from olmoe_megatron.evaluation.evaluator import format_eval_line
+
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"kind": "eval", "step": step, "tokens": tokens, **metrics}) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+        print(format_eval_line(step, metrics), flush=True)
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

@@ -157,14 +157,19 @@ def run_forward_backward(
     *,
     seq_length: int,
     forward_only: bool = False,
+    forward_step_func=_forward_step,
 ) -> list[dict]:
-    """Megatron's schedule (no pipeline, 1F1B or interleaved) over this rank's micro-batches."""
+    """Megatron's schedule (no pipeline, 1F1B or interleaved) over this rank's micro-batches.
+
+    Returns the loss dicts of `forward_step_func`'s loss function, one per micro-batch, on the last
+    pipeline stage (empty elsewhere).
+    """
     forward_backward = get_forward_backward_func()
     batches = [_to_device(b, context.device) for b in micro_batches]
     micro_batch_size = batches[0]["tokens"].shape[0]
     iterator: Iterable = [iter(batches) for _ in models] if len(models) > 1 else iter(batches)
     return forward_backward(
-        forward_step_func=_forward_step,
+        forward_step_func=forward_step_func,
         data_iterator=iterator,
         model=models if len(models) > 1 else models[0],
         num_microbatches=len(batches),

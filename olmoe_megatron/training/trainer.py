@@ -92,6 +92,11 @@ def train(run: RunConfig) -> int:
             progress.consumed_samples = 0
     steps = total_steps(run)
     dataset = _build_dataset(run, num_samples=max(steps, 1) * train_cfg.global_batch_size)
+    evaluator = None
+    if run.eval.enabled:
+        from olmoe_megatron.evaluation.evaluator import Evaluator
+
+        evaluator = Evaluator.build(run, context)
     batches = MicroBatchIterator(dataset, global_batch_size=train_cfg.global_batch_size,
                                  micro_batch_size=train_cfg.micro_batch_size, dp_rank=context.dp_rank,
                                  dp_size=context.dp_size, consumed_samples=progress.consumed_samples)
@@ -160,6 +165,8 @@ def train(run: RunConfig) -> int:
                     exit_code = EXIT_NONFINITE
                     break
             stop = stop_signal.agreed(context)
+            if evaluator is not None and not stop and run.eval.due(progress.step, last_step=steps):
+                writer.write_eval(step=progress.step, tokens=progress.tokens, metrics=evaluator.evaluate(models))
             if run.checkpoint.dir and (progress.step % run.checkpoint.save_interval == 0 or stop):
                 save()
                 saved_at = progress.step
@@ -192,4 +199,5 @@ def _build_dataset(run: RunConfig, *, num_samples: int):
     """Every rank builds the dataset at once: each corpus, tokenizer and index cache is built by the
     first rank to take its file lock while the others wait on that lock, not in a collective whose
     timeout a large corpus could outlast."""
-    return run.data.build(seq_length=run.train.seq_length, num_samples=num_samples, vocab_size=run.model.vocab_size)
+    return run.data.build(seq_length=run.train.seq_length, num_samples=num_samples, vocab_size=run.model.vocab_size,
+                          heldout_share=run.eval.heldout_share)

@@ -1,5 +1,6 @@
 """Every parallel layout equals one process: LM loss, load-balancing and z losses, gradient norm
-and the loss after one optimizer step (fp32, relative 1e-5), from the same initial weights.
+and the loss after one optimizer step, then the validation loss and the log-likelihood of every
+choice request of the evaluator (fp32, relative 1e-5), from the same initial weights.
 
 The reference runs on one rank and saves its initial weights; each layout loads them and trains
 one step on the same global batch (8 sequences of 32 tokens, one micro-batch each), split over its
@@ -16,7 +17,7 @@ from olmoe_megatron.testing.distributed import get_pool
 MODEL = config_to_dict(get_recipe("olmoe_tiny").model)
 ALLGATHER = {**MODEL, "token_dispatcher": "allgather"}
 SEQUENTIAL = {**MODEL, "expert_impl": "sequential"}
-KEYS = ("lm_loss", "lb_loss", "z_loss", "grad_norm", "loss_after_step")
+KEYS = ("lm_loss", "lb_loss", "z_loss", "grad_norm", "loss_after_step", "eval_loss")
 
 LAYOUTS = {
     2: [
@@ -80,6 +81,8 @@ def test_reference_is_a_real_step(reference):
     assert 10.0 < ref["lm_loss"] < 12.0  # ~log(50304) at init
     assert ref["lb_loss"] > 0 and ref["z_loss"] > 0 and ref["grad_norm"] > 0
     assert ref["loss_after_step"] < ref["lm_loss"]
+    assert ref["eval_tokens"] == 5 * 32 - 5 and 10.0 < ref["eval_loss"] < 12.0
+    assert all(v < 0 for v in ref["choice_logliks"]) and len(set(ref["choice_logliks"])) == 11
 
 
 @pytest.mark.parametrize("world_size", sorted(LAYOUTS))
@@ -96,6 +99,13 @@ def test_layouts_equal_single_process(reference, world_size):
                 rel = abs(got[key] - ref[key]) / abs(ref[key])
                 if rel > 1e-5:
                     mismatches.append(f"{name} ({got['layout']}): {key} {got[key]!r} vs {ref[key]!r} (rel {rel:.1e})")
+            if got["eval_tokens"] != ref["eval_tokens"]:
+                mismatches.append(f"{name}: evaluated {got['eval_tokens']} tokens, the reference {ref['eval_tokens']}")
+            for i, (value, expected) in enumerate(zip(got["choice_logliks"], ref["choice_logliks"], strict=True)):
+                rel = abs(value - expected) / abs(expected)
+                if rel > 1e-5:
+                    mismatches.append(f"{name} ({got['layout']}): choice request {i} log-likelihood {value!r} vs "
+                                      f"{expected!r} (rel {rel:.1e})")
     finally:
         pool.close()
     assert not mismatches, "\n".join(mismatches)
