@@ -12,6 +12,7 @@ from typing import Callable
 
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.data.config import DataConfig
+from olmoe_megatron.evaluation.config import EvalConfig, EvalSourceConfig
 from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.precision import PrecisionConfig
 from olmoe_megatron.parallel.layout import ParallelLayout
@@ -107,7 +108,8 @@ def olmoe_small() -> RunConfig:
 
 @recipe
 def olmoe_demo() -> RunConfig:
-    """`make demo`: 4 layers, d_model 128, 8 experts top-2 on 2 CPU processes (EP2), 250 steps."""
+    """`make demo`: 4 layers, d_model 128, 8 experts top-2 on 2 CPU processes (EP2), 250 steps,
+    evaluated every 125 steps on held-out standard-library text and its next-line task."""
     steps, batch, seq = 250, 16, 128
     return RunConfig(
         name="olmoe_demo",
@@ -125,6 +127,8 @@ def olmoe_demo() -> RunConfig:
         data=DataConfig(demo_corpus=True),
         checkpoint=CheckpointConfig(dir="runs/demo/checkpoints", save_interval=100, keep_last=2),
         metrics=MetricsConfig(jsonl="runs/demo/metrics.jsonl"),
+        eval=EvalConfig(interval=125, datasets=(EvalSourceConfig(name="stdlib-heldout", demo_heldout=True),),
+                        tokens=16_384, tasks=("demo-next-line",), task_limit=200),
     )
 
 

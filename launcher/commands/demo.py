@@ -4,8 +4,10 @@
 2. builds the embedded corpus: this interpreter's standard-library source, tokenized by the same
    pipeline as real data (`olmoe prep tokenize`),
 3. trains the `olmoe_demo` recipe on 2 CPU processes with expert parallelism 2, saving checkpoints,
-4. stops, then resumes from the latest checkpoint for the last steps (as a requeued job would),
-5. writes runs/demo/loss_curve.png and prints a summary.
+4. evaluates on held-out standard-library files every 125 steps (validation loss, and accuracy on
+   picking a line's true next line among 4),
+5. stops, then resumes from the latest checkpoint for the last steps (as a requeued job would),
+6. writes runs/demo/loss_curve.png and prints a summary with the final validation loss and accuracy.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def _env(nproc: int) -> dict:
     return env
 
 
-def _plot(records: list[dict], resume_step: int, path: Path) -> None:
+def _plot(records: list[dict], evals: list[dict], resume_step: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,6 +80,9 @@ def _plot(records: list[dict], resume_step: int, path: Path) -> None:
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(steps, [r["lm_loss"] for r in records], label="LM loss")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval/stdlib-heldout/loss"] for e in evals], "o-",
+                label="validation loss (held-out stdlib files)")
     ax.axvline(resume_step, color="grey", linestyle="--", label=f"resumed from checkpoint (step {resume_step})")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats)")
@@ -114,14 +119,21 @@ def run(args: argparse.Namespace) -> int:
     if code != 0:
         print(f"[demo] resumed training failed with exit code {code}", file=sys.stderr)
         return code
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    _plot(records, first, out / "loss_curve.png")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in lines if r.get("kind") != "eval"]
+    evals = [r for r in lines if r.get("kind") == "eval" and "eval/stdlib-heldout/loss" in r]
+    _plot(records, evals, first, out / "loss_curve.png")
     head = sum(r["lm_loss"] for r in records[:10]) / min(10, len(records))
     tail = sum(r["lm_loss"] for r in records[-10:]) / min(10, len(records))
     speed = sorted(r["tokens_per_s"] for r in records)[len(records) // 2]
     mfu = sorted(r["mfu"] for r in records)[len(records) // 2]
     print(f"[demo] loss {head:.3f} (first 10 steps) -> {tail:.3f} (last 10); median {speed:,.0f} tokens/s, "
           f"MFU {100 * mfu:.1f}%", flush=True)
+    for record in evals:
+        print(f"[demo] eval at step {record['step']}: validation loss {record['eval/stdlib-heldout/loss']:.3f} "
+              f"(ppl {record['eval/stdlib-heldout/ppl']:.1f}) on held-out stdlib files; next-line task accuracy "
+              f"{100 * record['eval/demo-next-line/acc']:.1f}% (acc_norm {100 * record['eval/demo-next-line/acc_norm']:.1f}%; "
+              f"chance 25%) over {record['eval/demo-next-line/items']} items", flush=True)
     print(f"[demo] loss curve: {out / 'loss_curve.png'}; metrics: {out / 'metrics.jsonl'}; "
           f"TensorBoard: {out / 'tensorboard'}; {time.time() - started:.0f} s in all", flush=True)
     return 0 if tail < head else 1

@@ -97,7 +97,7 @@ def choice_logliks(models: list[torch.nn.Module], requests: list[tuple[list[int]
         length = min(max_length, _round_up(longest, pad_multiple))
         members = [per_rank[context.dp_rank][p] if p < len(per_rank[context.dp_rank]) else None
                    for p in range(first, first + group)]
-        rows = [(m if m is not None else batches[0]) for m in members]
+        rows = [(m if m is not None else in_group[0]) for m in members]  # a discarded copy that fits the length
         rows = [row + [row[0]] * (micro_batch_size - len(row)) for row in rows]  # full micro-batches everywhere
         micro_batches, spans = zip(*(_request_batch([requests[i] for i in row], max_length=max_length, length=length)
                                      for row in rows))

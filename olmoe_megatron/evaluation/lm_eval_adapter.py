@@ -1,0 +1,393 @@
+"""lm-evaluation-harness model `olmoe_megatron`: our checkpoints scored by our code, no HF export.
+
+    olmoe lm-eval --model olmoe_megatron --model_args ckpt=runs/demo/checkpoints --tasks hellaswag
+    olmoe-lm-eval --model olmoe_megatron --model_args 'ckpt=DIR,overrides=--precision.dtype=bf16' \\
+        --tasks my_task --include_path my_tasks/
+
+model_args: `ckpt` (required: a checkpoint root or step directory), `tokenizer` (default the
+run's data.tokenizer), `max_length` (default the run's train.seq_length rounded down to a length
+every layout accepts), `micro_batch_size` (default lm-eval's numeric --batch_size, else the run's
+eval.micro_batch_size or train.micro_batch_size), `max_gen_toks` (256), `overrides` (dotted
+`--section.field=value` settings separated by ';', applied like `olmoe eval`'s).
+
+Log-likelihoods come from `choice_logliks`, the in-loop evaluator's scorer, so a task's acc and
+acc_norm equal `olmoe eval`'s on the same items. `is_greedy` and `generate_until` (greedy, without
+a KV cache: every new token recomputes the window) take the logits of a plain forward pass, so the
+layout must not split a sequence or the vocabulary: tensor, pipeline and context parallel sizes 1.
+One process by default; ranks of a torchrun/srun job all score every request together (data or
+expert parallel), and lm-eval reports from LOCAL_RANK 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lm_eval.models  # noqa: F401 - lm-eval's own models: its get_model imports them only into an empty registry
+import numpy as np
+import torch
+from lm_eval import utils as lm_eval_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from olmoe_megatron.config import ConfigError
+from olmoe_megatron.evaluation.evaluator import pad_multiple
+from olmoe_megatron.evaluation.forward import evaluation_mode
+from olmoe_megatron.evaluation.lm_eval_plugin import MODEL_NAME
+from olmoe_megatron.evaluation.scoring import _request_batch, choice_logliks
+
+logger = logging.getLogger(__name__)
+
+Pair = tuple[list[int], list[int]]
+"""(context_ids, continuation_ids): a continuation scored after its context."""
+
+_DEFAULT_MAX_GEN_TOKS = 256
+# What lm-eval's simple_evaluate hands every model besides model_args; here the device follows
+# the torch.distributed backend (NCCL: this rank's GPU) and batches are micro_batch_size.
+_LM_EVAL_ARGS = ("max_batch_size", "device", "trust_remote_code")
+_GREEDY_KEYS = ("until", "max_gen_toks", "do_sample", "temperature")
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A checkpoint's weights in this job's layout, with the run config they were trained under."""
+
+    step_dir: Path
+    run: object
+    """The checkpoint's RunConfig with the overrides applied (olmoe_megatron.run_config.RunConfig)."""
+    context: object
+    """The ParallelContext the chunks were built for."""
+    chunks: list[torch.nn.Module]
+
+
+def load_checkpoint(ckpt: str | Path, overrides: Sequence[str]) -> LoadedCheckpoint:
+    """Loads `ckpt` into this job's layout as `evaluate_checkpoint` does (collective on every rank).
+
+    Args:
+        ckpt: A checkpoint root (its `latest` step) or a step directory.
+        overrides: Dotted `--section.field=value` settings; the layout is data parallel unless
+            `--parallel.*` ones say otherwise.
+
+    Raises:
+        ConfigError: ckpt is not a checkpoint directory, an override is unknown or bad, or the
+            layout does not fit this job.
+    """
+    from olmoe_megatron.checkpoint.weights import load_model
+    from olmoe_megatron.evaluation.checkpoint_eval import checkpoint_run_config
+    from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
+    from olmoe_megatron.parallel.context import initialize
+
+    step_dir, run = checkpoint_run_config(ckpt, list(overrides))
+    context = initialize(run.parallel, run.model, seed=run.train.seed,
+                         timeout_minutes=run.train.collective_timeout_minutes)
+    run.parallel.validate(run.model, context.world_size, backend=context.backend)
+    config, _ = build_transformer_config(run.model, context, precision=run.precision)
+    chunks = build_model_chunks(run.model, context, precision=run.precision, config=config)
+    load_model(chunks, step_dir)
+    return LoadedCheckpoint(step_dir=step_dir, run=run, context=context, chunks=chunks)
+
+
+def run_tokenizer(data):
+    """The `tokenizers.Tokenizer` of data.tokenizer, resolved as `task_tokenizer` resolves it."""
+    from olmoe_megatron.data.corpus import demo_bpe_tokenizer
+    from olmoe_megatron.data.tokenizer import demo_bpe_vocab_size, load_tokenizer
+
+    bpe_vocab = demo_bpe_vocab_size(data.tokenizer)
+    spec = demo_bpe_tokenizer(bpe_vocab, max_bytes=data.demo_max_bytes) if bpe_vocab is not None else data.tokenizer
+    return load_tokenizer(spec)
+
+
+def _override_list(overrides: str | Sequence[str] | None) -> list[str]:
+    if overrides is None or overrides == "":
+        return []
+    if isinstance(overrides, str):
+        return [part.strip() for part in overrides.split(";") if part.strip()]
+    if isinstance(overrides, (list, tuple)) and all(isinstance(part, str) for part in overrides):
+        return list(overrides)
+    raise ConfigError(f"model_args overrides={overrides!r} must be dotted settings separated by ';', e.g. "
+                      "overrides='--eval.micro_batch_size=4;--precision.dtype=bf16'")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit() or int(value) < 1:
+        raise ConfigError(f"model_args {name}={value!r} must be a positive integer")
+    return int(value)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@register_model(MODEL_NAME)
+class OlmoeMegatronLM(TemplateLM):
+    """lm-eval's TemplateLM over a checkpoint of ours, loaded with our model code."""
+
+    def __init__(self, ckpt: str | None = None, *, tokenizer: str | None = None, max_length: int | None = None,
+                 micro_batch_size: int | None = None, max_gen_toks: int = _DEFAULT_MAX_GEN_TOKS,
+                 overrides: str | Sequence[str] | None = None, batch_size: int | str | None = None,
+                 **lm_eval_args) -> None:
+        """Loads the checkpoint (collective: every rank of the job constructs the model together).
+
+        Args:
+            ckpt: Checkpoint root or step directory (required).
+            tokenizer: data.tokenizer for the run (`olmoe`, `demo-bpe-N` or a tokenizer.json);
+                default the checkpoint run's.
+            max_length: Longest window scored or attended to, a multiple of `pad_multiple`
+                (8 on one process); default train.seq_length rounded down to one.
+            micro_batch_size: Sequences per forward pass; default a numeric `batch_size`, else
+                eval.micro_batch_size or train.micro_batch_size of the run.
+            max_gen_toks: Tokens generated when a request's gen_kwargs give no max_gen_toks.
+            overrides: `--section.field=value` settings separated by ';' (or a list of them).
+            batch_size: lm-eval's --batch_size ('auto' is not supported: the run's is used).
+            **lm_eval_args: What lm-eval passes every model (max_batch_size, device,
+                trust_remote_code); ignored.
+
+        Raises:
+            ConfigError: ckpt is missing, a model_arg is unknown or bad, or the layout splits
+                sequences or the vocabulary.
+        """
+        super().__init__()
+        unknown = sorted(set(lm_eval_args) - set(_LM_EVAL_ARGS))
+        if unknown:
+            raise ConfigError(f"model_args {', '.join(unknown)}: unknown to --model {MODEL_NAME}; it takes ckpt, "
+                              "tokenizer, max_length, micro_batch_size, max_gen_toks and overrides")
+        if not ckpt:
+            raise ConfigError(f"model_args ckpt is required: --model {MODEL_NAME} --model_args ckpt=DIR (a checkpoint "
+                              "root with `latest`, or a step directory)")
+        flags = _override_list(overrides) + ([f"--data.tokenizer={tokenizer}"] if tokenizer else [])
+        loaded = load_checkpoint(ckpt, flags)
+        self._loaded = loaded
+        self._models = loaded.chunks
+        self._context = context = loaded.context
+        self._device = context.device
+        run = loaded.run
+        layout = context.layout
+        if (layout.tp, layout.pp, layout.cp) != (1, 1, 1):
+            raise ConfigError(f"--model {MODEL_NAME} runs with parallel tensor/pipeline/context sizes 1 (its greedy "
+                              f"decoding reads whole logits on every rank); got tp={layout.tp} pp={layout.pp} "
+                              f"cp={layout.cp}: drop those --parallel.* overrides (data and expert parallel work)")
+        self._pad_multiple = pad_multiple(context)
+        self._max_length = self._resolve_max_length(max_length, run)
+        self._micro_batch_size = self._resolve_micro_batch_size(micro_batch_size, batch_size, run)
+        self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        self._tokenizer = run_tokenizer(run.data)
+        self._tokenizer_spec = str(run.data.tokenizer)
+        self._eot_token_id = int(run.data.eos_token_id)
+        self._vocab_size = int(run.model.vocab_size)
+        if self._tokenizer.get_vocab_size() > self._vocab_size:
+            raise ConfigError(f"model_args tokenizer: data.tokenizer={run.data.tokenizer!r} has "
+                              f"{self._tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "
+                              f"{self._vocab_size}; evaluate with the tokenizer the model was trained with")
+        logger.info("lm-eval model %s: %s (%s), max_length %d, micro-batch %d", MODEL_NAME, loaded.step_dir,
+                    run.parallel.describe(context.world_size), self._max_length, self._micro_batch_size)
+
+    def _resolve_max_length(self, max_length, run) -> int:
+        multiple = self._pad_multiple
+        if max_length is None:
+            value = run.train.seq_length // multiple * multiple
+            if value < 1:
+                raise ConfigError(f"train.seq_length={run.train.seq_length} is shorter than {multiple}; give "
+                                  f"model_args max_length={multiple} or more")
+            return value
+        value = _positive_int("max_length", max_length)
+        if value % multiple:
+            raise ConfigError(f"model_args max_length={value} must be a multiple of {multiple} (the lengths this "
+                              f"layout accepts); try {max(multiple, value // multiple * multiple)}")
+        if value > run.model.max_sequence_length:
+            raise ConfigError(f"model_args max_length={value} exceeds model.max_sequence_length="
+                              f"{run.model.max_sequence_length}; give at most that")
+        return value
+
+    @staticmethod
+    def _resolve_micro_batch_size(micro_batch_size, batch_size, run) -> int:
+        if micro_batch_size is not None:
+            return _positive_int("micro_batch_size", micro_batch_size)
+        if batch_size is not None and str(batch_size).isdigit():
+            return _positive_int("batch_size", batch_size)
+        if batch_size is not None:
+            logger.info("batch_size=%s is not a number: micro-batches of the run's size", batch_size)
+        return run.eval.micro_batch_size or run.train.micro_batch_size
+
+    # TemplateLM's tokenizer interface -------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._eot_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """Conditions an empty context: the run's end-of-document id, as our evaluator uses."""
+        return self._eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self._tokenizer_spec
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Token ids of `string`; no special tokens unless asked (as our evaluator encodes)."""
+        return self._tokenizer.encode(string, add_special_tokens=bool(add_special_tokens)).ids
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def get_model_info(self) -> dict:
+        """Recorded in lm-eval's results["config"]."""
+        from olmoe_megatron.evaluation.checkpoint_eval import checkpoint_step
+
+        loaded = self._loaded
+        return {"checkpoint": str(loaded.step_dir), "step": checkpoint_step(loaded.step_dir),
+                "layout": loaded.run.parallel.describe(self._context.world_size),
+                "precision": loaded.run.precision.dtype, "max_length": self._max_length,
+                "micro_batch_size": self._micro_batch_size}
+
+    # Scoring --------------------------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(summed log-likelihood, whether greedy decoding gives the continuation) per request."""
+        pairs = [(list(context_ids), list(continuation_ids)) for _, context_ids, continuation_ids in requests]
+        logliks, greedy = self._score(pairs, with_greedy=True)
+        results = list(zip(logliks.tolist(), greedy))
+        for (key, _, _), result in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each text's log-likelihood over disjoint windows of max_length (lm-eval's rolling windows)."""
+        windows, owners = [], []
+        for index, (text,) in enumerate(request.args for request in requests):
+            token_windows = lm_eval_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                context_len=1)
+            for context_ids, continuation_ids in map(lm_eval_utils.make_disjoint_window, token_windows):
+                windows.append((list(context_ids), list(continuation_ids)))
+                owners.append(index)
+        logliks, _ = self._score(windows, with_greedy=False)
+        totals = np.zeros(len(requests), dtype=np.float64)
+        np.add.at(totals, np.asarray(owners, dtype=np.int64), logliks)
+        for request, total in zip(requests, totals.tolist()):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals.tolist()
+
+    def _score(self, pairs: list[Pair], *, with_greedy: bool) -> tuple[np.ndarray, list[bool]]:
+        """Log-likelihoods from the in-loop scorer and (optionally) greedy flags from the logits.
+
+        An empty continuation has log-likelihood 0 and counts as greedy (nothing to predict).
+        """
+        logliks = np.zeros(len(pairs), dtype=np.float64)
+        greedy = [True] * len(pairs)
+        scored = [i for i, (_, continuation_ids) in enumerate(pairs) if continuation_ids]
+        if not scored:
+            return logliks, greedy
+        chosen = [pairs[i] for i in scored]
+        with evaluation_mode(self._models):
+            logliks[scored] = choice_logliks(self._models, chosen, self._context,
+                                             micro_batch_size=self._micro_batch_size, max_length=self._max_length,
+                                             pad_multiple=self._pad_multiple)
+            flags = self._greedy_flags(chosen) if with_greedy else [True] * len(chosen)
+        for i, flag in zip(scored, flags):
+            greedy[i] = flag
+        return logliks, greedy
+
+    def _greedy_flags(self, pairs: list[Pair]) -> list[bool]:
+        """Whether every continuation token is the argmax after its prefix (same windows as the scorer)."""
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        flags = [False] * len(pairs)
+        for first in range(0, len(order), self._micro_batch_size):
+            rows = order[first:first + self._micro_batch_size]
+            longest = max(len(pairs[i][0]) + len(pairs[i][1]) - 1 for i in rows)
+            length = min(self._max_length, _round_up(longest, self._pad_multiple))
+            batch, spans = _request_batch([pairs[i] for i in rows], max_length=self._max_length, length=length)
+            predicted = self._logits(batch["tokens"]).argmax(dim=-1).cpu()
+            for row, (request, (start, stop)) in enumerate(zip(rows, spans)):
+                flags[request] = bool(torch.equal(predicted[row, start:stop], batch["labels"][row, start:stop]))
+        return flags
+
+    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Float logits [batch, seq, vocab_size] of a right-padded batch (causal: padding is never seen)."""
+        batch, length = tokens.shape
+        device = self._context.device
+        position_ids = torch.arange(length, dtype=torch.int64, device=device).unsqueeze(0).expand(batch, -1)
+        logits = self._models[0](tokens.to(device), position_ids, None)  # no labels: [b, s, padded vocab]
+        return logits[..., :self._vocab_size].float()
+
+    # Generation -----------------------------------------------------------------------------
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations, each stopped at its first `until` string, end of text or max_gen_toks."""
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            _, gen_kwargs = request.args
+            groups.setdefault(self._generation_settings(gen_kwargs), []).append(index)
+        texts = [""] * len(requests)
+        with evaluation_mode(self._models):
+            for (until, max_gen_toks), indices in groups.items():
+                contexts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in indices]
+                for index, text in zip(indices, self._greedy_generate(contexts, until=until,
+                                                                      max_gen_toks=max_gen_toks)):
+                    texts[index] = text
+        for request, text in zip(requests, texts):
+            self.cache_hook.add_partial("generate_until", request.args, text)
+        return texts
+
+    def _generation_settings(self, gen_kwargs: dict | None) -> tuple[tuple[str, ...], int]:
+        """(until strings, max_gen_toks) of a request; sampling is refused (greedy only)."""
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else until
+        if not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
+            raise ConfigError(f"gen_kwargs until={kwargs.get('until')!r} must be a string or a list of strings")
+        if kwargs.get("do_sample"):
+            raise ConfigError(f"gen_kwargs do_sample=True: --model {MODEL_NAME} decodes greedily only; set "
+                              "do_sample=false (or drop it)")
+        ignored = sorted(set(kwargs) - set(_GREEDY_KEYS))
+        if ignored:
+            logger.warning("greedy decoding ignores gen_kwargs %s", ", ".join(ignored))
+        max_gen_toks = _positive_int("gen_kwargs max_gen_toks", kwargs.get("max_gen_toks", self._max_gen_toks))
+        return tuple(u for u in until if u), max_gen_toks
+
+    def _greedy_generate(self, contexts: list[list[int]], *, until: tuple[str, ...], max_gen_toks: int) -> list[str]:
+        """Greedy tokens after each context; every step reruns the last max_length tokens of each row."""
+        generated: list[list[int]] = [[] for _ in contexts]
+        active = list(range(len(contexts)))
+        for _ in range(max_gen_toks):
+            if not active:
+                break
+            still = []
+            for first in range(0, len(active), self._micro_batch_size):
+                rows = active[first:first + self._micro_batch_size]
+                windows = [(contexts[i] + generated[i])[-self._max_length:] for i in rows]
+                for i, token in zip(rows, self._next_tokens(windows)):
+                    if token == self.eot_token_id:
+                        continue
+                    generated[i].append(token)
+                    if not any(u in self.tok_decode(generated[i]) for u in until):
+                        still.append(i)
+            active = still
+        texts = []
+        for ids in generated:
+            text = self.tok_decode(ids)
+            for u in until:
+                text = text.split(u)[0]
+            texts.append(text)
+        return texts
+
+    def _next_tokens(self, windows: list[list[int]]) -> list[int]:
+        """The argmax token after each window (right-padded to a length every layout accepts)."""
+        length = min(self._max_length, _round_up(max(len(w) for w in windows), self._pad_multiple))
+        tokens = torch.zeros((len(windows), length), dtype=torch.int64)
+        for row, window in enumerate(windows):
+            tokens[row, :len(window)] = torch.tensor(window, dtype=torch.int64)
+        logits = self._logits(tokens)
+        last = torch.tensor([len(w) - 1 for w in windows], device=logits.device)
+        return logits[torch.arange(len(windows), device=logits.device), last].argmax(dim=-1).tolist()
