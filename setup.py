@@ -55,9 +55,15 @@ setup(
         # on the cluster (see README).
         "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],  # megatron-core 0.16.1's declared range
         "hf": ["transformers>=4.46", "safetensors>=0.4"],
+        # lm-evaluation-harness with our model adapter (`olmoe lm-eval` / `olmoe-lm-eval`).
+        "eval": ["lm-eval>=0.4.13,<0.5"],
         "plot": ["matplotlib>=3.7"],
         "tb": ["tensorboard>=2.14"],
         "test": ["pytest>=7"],
     },
-    entry_points={"console_scripts": ["olmoe=olmoe_megatron.launcher.cli:main"]},
+    entry_points={"console_scripts": [
+        "olmoe=olmoe_megatron.launcher.cli:main",
+        # lm-eval 0.4 has no model plugin entry points: this registers ours, then runs lm-eval's CLI.
+        "olmoe-lm-eval=olmoe_megatron.launcher.commands.lm_eval:main",
+    ]},
 )

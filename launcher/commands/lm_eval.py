@@ -27,11 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_lm_eval(list(args.overrides or []))
+    # lm-eval's CLI parses sys.argv itself: hand it this command's arguments for the call.
+    saved = sys.argv
+    sys.argv = ["olmoe lm-eval", *(args.overrides or [])]
+    try:
+        return main()
+    finally:
+        sys.argv = saved
 
 
-def run_lm_eval(argv: list[str]) -> int:
-    """Registers `olmoe_megatron` with lm-eval and runs lm-eval's CLI on `argv`; returns the exit code."""
+def main() -> int:
+    """The `olmoe-lm-eval` console script: registers `olmoe_megatron`, then runs lm-eval's CLI on sys.argv."""
+    from olmoe_megatron.config import ConfigError
+
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
@@ -40,23 +48,11 @@ def run_lm_eval(argv: list[str]) -> int:
     from olmoe_megatron.evaluation.lm_eval_plugin import register
 
     register()
-    saved = sys.argv
-    sys.argv = ["lm-eval", *argv]  # lm-eval's CLI parses sys.argv itself
     try:
         cli_evaluate()
     except SystemExit as exc:  # argparse errors and --help
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = saved
-    return 0
-
-
-def main() -> int:
-    """The `olmoe-lm-eval` console script: `olmoe lm-eval` without the olmoe options."""
-    from olmoe_megatron.config import ConfigError
-
-    try:
-        return run_lm_eval(sys.argv[1:])
-    except ConfigError as exc:
-        print(f"olmoe-lm-eval: config error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # bad model_args or overrides
+        print(f"olmoe lm-eval: config error: {exc}", file=sys.stderr)
         return 2
+    return 0

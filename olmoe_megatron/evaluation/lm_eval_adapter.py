@@ -16,11 +16,16 @@ a KV cache: every new token recomputes the window) take the logits of a plain fo
 layout must not split a sequence or the vocabulary: tensor, pipeline and context parallel sizes 1.
 One process by default; ranks of a torchrun/srun job all score every request together (data or
 expert parallel), and lm-eval reports from LOCAL_RANK 0.
+
+A task file of ours (`tasks.py`) reads in lm-eval as a local `dataset_path: json` task with
+`output_type: multiple_choice`, `doc_to_text: "{{context}}"`, `doc_to_target: "{{label}}"`,
+`target_delimiter: " "` and `doc_to_choice: "{{choices | map('regex_replace', '^ ', '') | list}}"`:
+the choices' leading space becomes lm-eval's delimiter, so the scored text is the same and
+lm-eval's acc_norm divides by the length ours does (tests/evaluation/test_lm_eval_adapter.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,43 +55,21 @@ _LM_EVAL_ARGS = ("max_batch_size", "device", "trust_remote_code")
 _GREEDY_KEYS = ("until", "max_gen_toks", "do_sample", "temperature")
 
 
-@dataclasses.dataclass
-class LoadedCheckpoint:
-    """A checkpoint's weights in this job's layout, with the run config they were trained under."""
-
-    step_dir: Path
-    run: object
-    """The checkpoint's RunConfig with the overrides applied (olmoe_megatron.run_config.RunConfig)."""
-    context: object
-    """The ParallelContext the chunks were built for."""
-    chunks: list[torch.nn.Module]
-
-
-def load_checkpoint(ckpt: str | Path, overrides: Sequence[str]) -> LoadedCheckpoint:
-    """Loads `ckpt` into this job's layout as `evaluate_checkpoint` does (collective on every rank).
+def load_chunks(step_dir: Path, run, context) -> list[torch.nn.Module]:
+    """This rank's model chunks with the weights of `step_dir`, as `evaluate_checkpoint` builds them.
 
     Args:
-        ckpt: A checkpoint root (its `latest` step) or a step directory.
-        overrides: Dotted `--section.field=value` settings; the layout is data parallel unless
-            `--parallel.*` ones say otherwise.
-
-    Raises:
-        ConfigError: ckpt is not a checkpoint directory, an override is unknown or bad, or the
-            layout does not fit this job.
+        step_dir: A step directory (from `checkpoint_run_config`).
+        run: Its RunConfig, with any overrides applied.
+        context: The ParallelContext of `run.parallel` (from `olmoe_megatron.parallel.context.initialize`).
     """
     from olmoe_megatron.checkpoint.weights import load_model
-    from olmoe_megatron.evaluation.checkpoint_eval import checkpoint_run_config
     from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
-    from olmoe_megatron.parallel.context import initialize
 
-    step_dir, run = checkpoint_run_config(ckpt, list(overrides))
-    context = initialize(run.parallel, run.model, seed=run.train.seed,
-                         timeout_minutes=run.train.collective_timeout_minutes)
-    run.parallel.validate(run.model, context.world_size, backend=context.backend)
     config, _ = build_transformer_config(run.model, context, precision=run.precision)
     chunks = build_model_chunks(run.model, context, precision=run.precision, config=config)
     load_model(chunks, step_dir)
-    return LoadedCheckpoint(step_dir=step_dir, run=run, context=context, chunks=chunks)
+    return chunks
 
 
 def run_tokenizer(data):
@@ -110,9 +93,9 @@ def _override_list(overrides: str | Sequence[str] | None) -> list[str]:
                       "overrides='--eval.micro_batch_size=4;--precision.dtype=bf16'")
 
 
-def _positive_int(name: str, value) -> int:
+def _positive_int(label: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit() or int(value) < 1:
-        raise ConfigError(f"model_args {name}={value!r} must be a positive integer")
+        raise ConfigError(f"{label}={value!r} must be a positive integer")
     return int(value)
 
 
@@ -156,32 +139,35 @@ class OlmoeMegatronLM(TemplateLM):
         if not ckpt:
             raise ConfigError(f"model_args ckpt is required: --model {MODEL_NAME} --model_args ckpt=DIR (a checkpoint "
                               "root with `latest`, or a step directory)")
+        from olmoe_megatron.evaluation.checkpoint_eval import checkpoint_run_config
+        from olmoe_megatron.parallel.context import initialize
+
         flags = _override_list(overrides) + ([f"--data.tokenizer={tokenizer}"] if tokenizer else [])
-        loaded = load_checkpoint(ckpt, flags)
-        self._loaded = loaded
-        self._models = loaded.chunks
-        self._context = context = loaded.context
-        self._device = context.device
-        run = loaded.run
-        layout = context.layout
+        self._step_dir, self._run = step_dir, run = checkpoint_run_config(ckpt, flags)
+        layout = run.parallel
         if (layout.tp, layout.pp, layout.cp) != (1, 1, 1):
             raise ConfigError(f"--model {MODEL_NAME} runs with parallel tensor/pipeline/context sizes 1 (its greedy "
                               f"decoding reads whole logits on every rank); got tp={layout.tp} pp={layout.pp} "
                               f"cp={layout.cp}: drop those --parallel.* overrides (data and expert parallel work)")
+        self._context = context = initialize(layout, run.model, seed=run.train.seed,
+                                             timeout_minutes=run.train.collective_timeout_minutes)
+        layout.validate(run.model, context.world_size, backend=context.backend)
+        self._device = context.device
         self._pad_multiple = pad_multiple(context)
         self._max_length = self._resolve_max_length(max_length, run)
         self._micro_batch_size = self._resolve_micro_batch_size(micro_batch_size, batch_size, run)
-        self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        self._max_gen_toks = _positive_int("model_args max_gen_toks", max_gen_toks)
+        self._ignored_gen_kwargs: set[str] = set()  # warned about once
         self._tokenizer = run_tokenizer(run.data)
-        self._tokenizer_spec = str(run.data.tokenizer)
         self._eot_token_id = int(run.data.eos_token_id)
         self._vocab_size = int(run.model.vocab_size)
         if self._tokenizer.get_vocab_size() > self._vocab_size:
             raise ConfigError(f"model_args tokenizer: data.tokenizer={run.data.tokenizer!r} has "
                               f"{self._tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "
                               f"{self._vocab_size}; evaluate with the tokenizer the model was trained with")
-        logger.info("lm-eval model %s: %s (%s), max_length %d, micro-batch %d", MODEL_NAME, loaded.step_dir,
-                    run.parallel.describe(context.world_size), self._max_length, self._micro_batch_size)
+        self._models = load_chunks(step_dir, run, context)
+        logger.info("lm-eval model %s: %s (%s), max_length %d, micro-batch %d", MODEL_NAME, step_dir,
+                    layout.describe(context.world_size), self._max_length, self._micro_batch_size)
 
     def _resolve_max_length(self, max_length, run) -> int:
         multiple = self._pad_multiple
@@ -191,7 +177,7 @@ class OlmoeMegatronLM(TemplateLM):
                 raise ConfigError(f"train.seq_length={run.train.seq_length} is shorter than {multiple}; give "
                                   f"model_args max_length={multiple} or more")
             return value
-        value = _positive_int("max_length", max_length)
+        value = _positive_int("model_args max_length", max_length)
         if value % multiple:
             raise ConfigError(f"model_args max_length={value} must be a multiple of {multiple} (the lengths this "
                               f"layout accepts); try {max(multiple, value // multiple * multiple)}")
@@ -203,9 +189,9 @@ class OlmoeMegatronLM(TemplateLM):
     @staticmethod
     def _resolve_micro_batch_size(micro_batch_size, batch_size, run) -> int:
         if micro_batch_size is not None:
-            return _positive_int("micro_batch_size", micro_batch_size)
+            return _positive_int("model_args micro_batch_size", micro_batch_size)
         if batch_size is not None and str(batch_size).isdigit():
-            return _positive_int("batch_size", batch_size)
+            return _positive_int("--batch_size", batch_size)
         if batch_size is not None:
             logger.info("batch_size=%s is not a number: micro-batches of the run's size", batch_size)
         return run.eval.micro_batch_size or run.train.micro_batch_size
@@ -231,7 +217,7 @@ class OlmoeMegatronLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return self._tokenizer_spec
+        return str(self._run.data.tokenizer)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """Token ids of `string`; no special tokens unless asked (as our evaluator encodes)."""
@@ -244,10 +230,9 @@ class OlmoeMegatronLM(TemplateLM):
         """Recorded in lm-eval's results["config"]."""
         from olmoe_megatron.evaluation.checkpoint_eval import checkpoint_step
 
-        loaded = self._loaded
-        return {"checkpoint": str(loaded.step_dir), "step": checkpoint_step(loaded.step_dir),
-                "layout": loaded.run.parallel.describe(self._context.world_size),
-                "precision": loaded.run.precision.dtype, "max_length": self._max_length,
+        return {"checkpoint": str(self._step_dir), "step": checkpoint_step(self._step_dir),
+                "layout": self._run.parallel.describe(self._context.world_size),
+                "precision": self._run.precision.dtype, "max_length": self._max_length,
                 "micro_batch_size": self._micro_batch_size}
 
     # Scoring --------------------------------------------------------------------------------
@@ -330,12 +315,13 @@ class OlmoeMegatronLM(TemplateLM):
             _, gen_kwargs = request.args
             groups.setdefault(self._generation_settings(gen_kwargs), []).append(index)
         texts = [""] * len(requests)
-        with evaluation_mode(self._models):
-            for (until, max_gen_toks), indices in groups.items():
-                contexts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in indices]
-                for index, text in zip(indices, self._greedy_generate(contexts, until=until,
-                                                                      max_gen_toks=max_gen_toks)):
-                    texts[index] = text
+        for (until, max_gen_toks), indices in groups.items():
+            contexts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in indices]
+            for index, ids in zip(indices, self.greedy_tokens(contexts, until=until, max_gen_toks=max_gen_toks)):
+                text = self.tok_decode(ids)
+                for stop in until:
+                    text = text.split(stop)[0]
+                texts[index] = text
         for request, text in zip(requests, texts):
             self.cache_hook.add_partial("generate_until", request.args, text)
         return texts
@@ -351,36 +337,38 @@ class OlmoeMegatronLM(TemplateLM):
             raise ConfigError(f"gen_kwargs do_sample=True: --model {MODEL_NAME} decodes greedily only; set "
                               "do_sample=false (or drop it)")
         ignored = sorted(set(kwargs) - set(_GREEDY_KEYS))
-        if ignored:
+        if set(ignored) - self._ignored_gen_kwargs:
             logger.warning("greedy decoding ignores gen_kwargs %s", ", ".join(ignored))
+            self._ignored_gen_kwargs.update(ignored)
         max_gen_toks = _positive_int("gen_kwargs max_gen_toks", kwargs.get("max_gen_toks", self._max_gen_toks))
         return tuple(u for u in until if u), max_gen_toks
 
-    def _greedy_generate(self, contexts: list[list[int]], *, until: tuple[str, ...], max_gen_toks: int) -> list[str]:
-        """Greedy tokens after each context; every step reruns the last max_length tokens of each row."""
+    def greedy_tokens(self, contexts: list[list[int]], *, until: Sequence[str] = (),
+                      max_gen_toks: int) -> list[list[int]]:
+        """The greedy token ids after each context, in micro-batches over the rows still going.
+
+        A row stops before the end-of-text token, after the token whose decoded text first holds
+        an `until` string (that token is kept), or after max_gen_toks tokens. Without a KV cache:
+        every step reruns the last max_length tokens of each row.
+        """
         generated: list[list[int]] = [[] for _ in contexts]
         active = list(range(len(contexts)))
-        for _ in range(max_gen_toks):
-            if not active:
-                break
-            still = []
-            for first in range(0, len(active), self._micro_batch_size):
-                rows = active[first:first + self._micro_batch_size]
-                windows = [(contexts[i] + generated[i])[-self._max_length:] for i in rows]
-                for i, token in zip(rows, self._next_tokens(windows)):
-                    if token == self.eot_token_id:
-                        continue
-                    generated[i].append(token)
-                    if not any(u in self.tok_decode(generated[i]) for u in until):
-                        still.append(i)
-            active = still
-        texts = []
-        for ids in generated:
-            text = self.tok_decode(ids)
-            for u in until:
-                text = text.split(u)[0]
-            texts.append(text)
-        return texts
+        with evaluation_mode(self._models):
+            for _ in range(max_gen_toks):
+                if not active:
+                    break
+                still = []
+                for first in range(0, len(active), self._micro_batch_size):
+                    rows = active[first:first + self._micro_batch_size]
+                    windows = [(contexts[i] + generated[i])[-self._max_length:] for i in rows]
+                    for i, token in zip(rows, self._next_tokens(windows)):
+                        if token == self.eot_token_id:
+                            continue
+                        generated[i].append(token)
+                        if not any(stop in self.tok_decode(generated[i]) for stop in until):
+                            still.append(i)
+                active = still
+        return generated
 
     def _next_tokens(self, windows: list[list[int]]) -> list[int]:
         """The argmax token after each window (right-padded to a length every layout accepts)."""

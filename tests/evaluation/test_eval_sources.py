@@ -117,3 +117,14 @@ def test_eval_is_due_at_the_interval_and_the_end():
     assert [s for s in range(1, 11) if config.due(s, last_step=10)] == [3, 6, 9, 10]
     assert not EvalConfig().due(10, last_step=10)  # nothing to evaluate
     assert config.heldout_share == 0.1 and EvalConfig().heldout_share == 0.0
+
+
+def test_olmo_npy_files_are_a_source(corpus, tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16) % 700
+    path = tmp_path / "part-0-00000.npy"
+    tokens.tofile(path)  # OLMo's token files are headerless memmaps
+    windows = source_windows(EvalSourceConfig(name="npy", paths=(str(path),), format="olmo_npy"),
+                             _data(corpus, tmp_path), max_tokens=64, seq_length=16, vocab_size=VOCAB,
+                             micro_batch_size=2)
+    assert windows.num_windows == 4
+    assert np.array_equal(windows.tokens[1], tokens[16:32]) and np.array_equal(windows.labels[1], tokens[17:33])
