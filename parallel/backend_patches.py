@@ -534,13 +534,16 @@ def _apply_dist_opt_step_state():
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
             return original(self, model_param, tensors)
-        # torch.optim.Adam keeps a per-parameter "step"; the checkpoint carries it in the param
-        # groups (already restored by load_state_dict), not among the per-parameter tensors.
+        # torch.optim.Adam keeps a per-parameter "step"; its true value is the param groups' step,
+        # which load_state_dict has already restored. The per-parameter tensors carry none
+        # ('fully_reshardable') or, in 'dp_reshardable', the load template's own 0-d "step" (dist
+        # checkpointing does not read 0-d values back), which would overwrite the restored step.
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         state = self.optimizer.state[main_param]
+        # In fp32 the main parameter is a view of the model's, which requires grad.
         main_param.detach().copy_(tensors["param"])
         for key, value in state.items():
             if key != "step":
@@ -576,8 +579,9 @@ _register(Patch(
     "dist_opt_step_state",
     "megatron-core 0.16.1 bugs with torch's Adam (what it uses without apex and TE): loading a "
     "'fully_reshardable' distributed-optimizer checkpoint copies torch Adam's per-parameter 'step', "
-    "which the checkpoint does not hold (KeyError), and gives all parameters one shared 'step' tensor "
-    "that Adam then increments once per parameter",
+    "which the checkpoint does not hold (KeyError); loading a 'dp_reshardable' one overwrites the restored "
+    "step with the load template's (resumed runs lose their bias correction); and it gives all parameters "
+    "one shared 'step' tensor that Adam then increments once per parameter",
     NO_TE_NO_APEX, _apply_dist_opt_step_state, _probe_dist_opt_step_state,
 ))
 

@@ -46,5 +46,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"memory per rank     (busiest stage, {run_config.precision.dtype})")
     for label, value in estimate.table():
         print(f"  {label:<36}{value}")
+    from olmoe_megatron.checkpoint.cost import save_cost
+
+    cost = save_cost(run_config, world_size=world)
+    checkpoint = run_config.checkpoint
+    print(f"checkpoint save     (optimizer {checkpoint.optimizer_format}"
+          f"{', memory-efficient' if checkpoint.optimizer_mem_efficient else ''}, "
+          f"{'fully parallel' if checkpoint.fully_parallel else 'one writer per replica'})")
+    print(f"  {'written by the busiest rank':<36}{cost.written_bytes / 2**30:8.2f} GiB")
+    print(f"  {'gathered optimizer state (host)':<36}{cost.gathered_bytes / 2**30:8.2f} GiB")
+    print(f"  {'whole checkpoint':<36}{cost.checkpoint_bytes / 2**30:8.2f} GiB")
     return 0
 

@@ -25,7 +25,31 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def load_sharded(request: dict, directory: str | Path) -> dict:
+def save_strategy(*, fully_parallel: bool, group: dist.ProcessGroup | None):
+    """Megatron's torch_dist save strategy; with `fully_parallel`, the writes of tensors replicated
+    over `group` (the data-parallel ranks) are spread over its ranks instead of falling on one."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    if fully_parallel and group is not None and dist.get_world_size(group) > 1:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+    return strategy
+
+
+def load_strategy(directory: str | Path, *, fully_parallel: bool, group: dist.ProcessGroup | None):
+    """The checkpoint's load strategy; with `fully_parallel`, each rank of `group` reads a part of
+    what the group's ranks all need and the parts are exchanged (one read of each byte per group)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    strategy = get_default_load_sharded_strategy(str(directory))
+    if fully_parallel and group is not None and dist.get_world_size(group) > 1:
+        strategy = FullyParallelLoadStrategyWrapper(strategy, group)
+    return strategy
+
+
+def load_sharded(request: dict, directory: str | Path, *, sharded_strategy=None) -> dict:
     """dist_checkpointing.load of `request` that lets module extra state be absent from the checkpoint.
 
     Transformer Engine's modules keep their FP8 metadata in `_extra_state` entries; a checkpoint
@@ -33,7 +57,8 @@ def load_sharded(request: dict, directory: str | Path) -> dict:
     starts with TE's default extra state, as a fresh TE model does. Any other tensor or object that
     the model asks for and the checkpoint lacks is an error naming it.
     """
-    state, _, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_UNEXPECTED)
+    state, _, absent = dist_checkpointing.load(request, str(directory), sharded_strategy=sharded_strategy,
+                                               strict=StrictHandling.RETURN_UNEXPECTED)
     needed = sorted(key for key in absent if _EXTRA_STATE not in key)
     if needed:
         shown = ", ".join(needed[:8]) + (f" (and {len(needed) - 8} more)" if len(needed) > 8 else "")

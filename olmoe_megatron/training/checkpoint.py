@@ -7,7 +7,9 @@ A save writes everything into ROOT/.step_0000100.tmp, flushes it, renames it to 
 only then replaces `latest` (write + fsync + rename). A process killed during a save therefore
 leaves the previous checkpoint, and `latest`, intact; stale temporary directories are removed by
 the next save. The model and optimizer keys are global, so a checkpoint saved in one parallel
-layout loads into another (the distributed optimizer uses the 'fully_reshardable' format).
+layout loads into another (with the distributed optimizer's 'fully_reshardable' format; its
+'dp_reshardable' format writes each rank's flat shard and reloads only into the same TP/PP/EP
+layout). Replicated tensors are written and read fully parallel over the data-parallel ranks.
 What a run loads at start is decided by `olmoe_megatron.checkpoint.plan`.
 """
 
@@ -27,7 +29,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from olmoe_megatron.checkpoint.format import LATEST, step_dir_name, write_model_config, write_run_config
-from olmoe_megatron.checkpoint.weights import load_model_state, load_sharded, model_sharded_state_dict
+from olmoe_megatron.checkpoint.weights import (
+    load_model_state,
+    load_sharded,
+    load_strategy,
+    model_sharded_state_dict,
+    save_strategy,
+)
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.training.step import use_fused_adamw
 
@@ -38,7 +46,12 @@ logger = logging.getLogger(__name__)
 # save in 0.16.1: "ShardedTensor.flattened_range is not supported").
 # Without chained-optimizer prefixes, optimizer keys are the global parameter names: a layout
 # whose experts get their own optimizer (EP > 1) and one where they do not load each other.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+def optimizer_metadata(optimizer_format: str = "fully_reshardable", *, mem_efficient: bool = False) -> dict:
+    """The metadata Megatron's optimizer.sharded_state_dict takes for a checkpoint format."""
+    metadata = {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
+    if mem_efficient:
+        metadata["distrib_optim_fully_reshardable_mem_efficient"] = True
+    return metadata
 
 
 @dataclasses.dataclass
@@ -107,14 +120,20 @@ def save_checkpoint(
     progress: Progress,
     run_config,
     keep_last: int,
+    dp_group: dist.ProcessGroup | None = None,
     before_commit: Callable[[Progress], None] | None = None,
 ) -> Path:
     """Saves and commits a checkpoint of `progress.step` (collective: every rank calls it).
 
     Args:
+        run_config: the RunConfig; its `checkpoint` section says the optimizer format and whether
+            the save is fully parallel.
+        dp_group: the data-parallel (with context-parallel) group the fully parallel save spreads
+            replicated tensors over (None: no spreading).
         before_commit: called on every rank once its model and optimizer shards are written to
             the temporary directory, before anything is committed (the test fault hooks use it).
     """
+    settings = run_config.checkpoint
     root = Path(root)
     name = step_dir_name(progress.step)
     final = root / name
@@ -132,12 +151,17 @@ def save_checkpoint(
     model_sd = model_sharded_state_dict(models)
     state = {
         **model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_METADATA),
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, metadata=optimizer_metadata(settings.optimizer_format,
+                                                  mem_efficient=settings.optimizer_mem_efficient)),
         "progress": dataclasses.asdict(progress),
         "world_size": dist.get_world_size(),
         "optimizer_parts": _optimizer_parts(optimizer),
+        "optimizer_format": settings.optimizer_format,
+        "model_parallel": model_parallel_sizes(run_config.parallel),
     }
-    dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=save_strategy(fully_parallel=settings.fully_parallel,
+                                                                            group=dp_group))
     if before_commit is not None:
         before_commit(progress)
     (tmp / "rng").mkdir(exist_ok=True)
@@ -216,18 +240,45 @@ def _materialize_optimizer_state(optimizer) -> None:
             group["lr"], group["weight_decay"] = lr, decay
 
 
-def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer: bool) -> Progress:
+def model_parallel_sizes(layout) -> dict[str, int | None]:
+    """The sizes a 'dp_reshardable' optimizer state is tied to (all but data parallelism)."""
+    return {"tensor_parallel": layout.tp, "pipeline_parallel": layout.pp, "virtual_pipeline_parallel": layout.vpp,
+            "context_parallel": layout.cp, "expert_parallel": layout.ep, "expert_tensor_parallel": layout.etp}
+
+
+def _check_dp_reshardable(path: Path, saved: dict | None, layout) -> None:
+    if layout is None or saved is None or saved == model_parallel_sizes(layout):
+        return
+    now = model_parallel_sizes(layout)
+    changed = ", ".join(f"parallel.{k}: {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
+    raise ConfigError(
+        f"{path} holds the distributed optimizer's state in checkpoint.optimizer_format='dp_reshardable', which "
+        f"loads only into the layout that saved it except for data parallelism ({changed}); resume with the saved "
+        "sizes, load the weights only with --checkpoint.load_optimizer=false, or save with "
+        "--checkpoint.optimizer_format=fully_reshardable to change the layout")
+
+
+def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer: bool,
+                    dp_group: dist.ProcessGroup | None = None, fully_parallel: bool = True,
+                    layout=None) -> Progress:
     """Loads `path` into models (and the optimizer); returns the saved progress.
 
     A model-only checkpoint (a conversion, or load_optimizer=False) restores weights only and
-    returns Progress() so training starts at step 0 from these weights.
+    returns Progress() so training starts at step 0 from these weights. The optimizer state is read
+    in the format the checkpoint says it holds; with `fully_parallel` and `dp_group`, each
+    data-parallel rank reads a part of the replicated tensors and the parts are exchanged.
     """
     path = Path(path)
     with_optimizer = load_optimizer and has_optimizer_state(path)
+    optimizer_format = "fully_reshardable"
     if with_optimizer:
         from megatron.core.dist_checkpointing import load_common_state_dict
 
-        saved_parts = load_common_state_dict(str(path)).get("optimizer_parts", 1)
+        common = load_common_state_dict(str(path))
+        saved_parts = common.get("optimizer_parts", 1)
+        optimizer_format = common.get("optimizer_format", "fully_reshardable")
+        if optimizer_format == "dp_reshardable":
+            _check_dp_reshardable(path, common.get("model_parallel"), layout)
         if saved_parts != _optimizer_parts(optimizer):
             raise ConfigError(
                 f"{path} holds optimizer state for a layout {'with' if saved_parts > 1 else 'without'} "
@@ -240,8 +291,10 @@ def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer
     request: dict = dict(model_sd)
     if with_optimizer:
         _materialize_optimizer_state(optimizer)
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIMIZER_METADATA)
-    state = load_sharded(request, path)
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                            metadata=optimizer_metadata(optimizer_format))
+    state = load_sharded(request, path, sharded_strategy=load_strategy(path, fully_parallel=fully_parallel,
+                                                                        group=dp_group))
     load_model_state(models, state)
     if not with_optimizer:
         # bf16 keeps fp32 master copies in the optimizer: refresh them from the loaded weights.

@@ -142,8 +142,27 @@ class CheckpointConfig(Config):
     """Start the data order from the beginning when loading (anneal: new data order)."""
     save_on_exit: bool = True
     """Save when training ends (max steps or a signal)."""
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    """How the distributed optimizer's state is saved. 'fully_reshardable': gathered into each
+    parameter's own shape, loadable into any layout (TP/PP/EP change), at the cost of a gathered copy
+    of the rank's model-parallel shard of optimizer state in host memory (see optimizer_mem_efficient).
+    'dp_reshardable': each rank writes its own flat shard, no gather and no extra memory; it loads
+    only into the same TP/PP/EP layout (any data-parallel size). A checkpoint says which it holds."""
+    optimizer_mem_efficient: bool = False
+    """fully_reshardable only: gather the optimizer state on data-parallel rank 0 alone (over gloo),
+    so the other ranks hold no gathered copy; rank 0 then writes all of it (Megatron-LM's
+    --dist-ckpt-optim-fully-reshardable-mem-efficient)."""
+    fully_parallel: bool = True
+    """Spread the writes and reads of data-parallel replicas over the data-parallel ranks
+    (Megatron-Core's fully parallel save/load wrappers): each replica rank writes and reads about
+    1/DP of what its model-parallel shard holds, instead of one rank writing and every rank reading
+    all of it."""
 
     def validate(self) -> None:
+        if self.optimizer_mem_efficient and self.optimizer_format != "fully_reshardable":
+            raise ConfigError(
+                f"checkpoint.optimizer_mem_efficient=true applies to checkpoint.optimizer_format='fully_reshardable', "
+                f"not {self.optimizer_format!r} (which gathers nothing); drop optimizer_mem_efficient")
         if self.save_interval < 1:
             raise ConfigError(f"checkpoint.save_interval={self.save_interval} must be >= 1")
         if self.keep_last < 0:

@@ -87,7 +87,9 @@ def train(run: RunConfig) -> int:
     plan = plan_load(run.checkpoint)
     logger.info("checkpoint: %s", plan.reason)
     if plan.path is not None:
-        progress = load_checkpoint(plan.path, models=models, optimizer=optimizer, load_optimizer=plan.load_optimizer)
+        progress = load_checkpoint(plan.path, models=models, optimizer=optimizer, load_optimizer=plan.load_optimizer,
+                                   dp_group=context.groups.dp_cp, fully_parallel=run.checkpoint.fully_parallel,
+                                   layout=run.parallel)
         if plan.reset_data_position:
             progress.consumed_samples = 0
     steps = total_steps(run)
@@ -120,7 +122,8 @@ def train(run: RunConfig) -> int:
     def save() -> None:
         if run.checkpoint.dir:
             save_checkpoint(run.checkpoint.dir, models=models, optimizer=optimizer, progress=progress,
-                            run_config=run, keep_last=run.checkpoint.keep_last, before_commit=faults.before_commit)
+                            run_config=run, keep_last=run.checkpoint.keep_last, dp_group=context.groups.dp_cp,
+                            before_commit=faults.before_commit)
 
     exit_code = EXIT_OK
     saved_at = progress.step
