@@ -21,7 +21,9 @@ share = eval_time / (interval x step_time + eval_time), eval_time extrapolated l
 measured eval tokens/s (a real call amortises its fixed costs over more windows).
 
 On a CPU without bf16 matrix instructions (AVX2 only), bf16 matmuls run ~100x slower than fp32: the
-run then uses precision.dtype=fp32 (as `olmoe demo` does) and says so; `--precision` forces one.
+run then uses precision.dtype=fp32 (as `olmoe demo` does, from the same matmul probe, and also from
+torch's CPU capability: the probe misreads a loaded machine) and says so; `--precision` forces one.
+The defaults take about a minute and a half on 2 idle cores, `--profile` included.
 `--profile DIR` adds a phase breakdown (forward with autograd, forward+backward, optimizer, the eval
 forward per micro-batch) and torch.profiler tables of one train step and one eval call.
 
@@ -133,7 +135,10 @@ def _build(dtype: str):
     models = wrap_ddp(chunks, config, train=train_cfg, precision=run.precision)
     optimizer = build_optimizer(models, train=train_cfg, precision=run.precision)
     attach_training_hooks(config, models, optimizer)
-    load_counter = ExpertLoadCounter(model_cfg.num_layers, model_cfg.num_experts).attach(chunks) if model_cfg.is_moe else None
+    # as the trainer does: expert load is counted for MoE models only
+    load_counter = None
+    if model_cfg.is_moe:
+        load_counter = ExpertLoadCounter(model_cfg.num_layers, model_cfg.num_experts).attach(chunks)
     return run, context, models, optimizer, load_counter
 
 
@@ -142,7 +147,8 @@ class Bench:
     """Alternating train rounds and eval calls on one built model."""
 
     def __init__(self, run, context, models, optimizer, load_counter, *, eval_windows: int) -> None:
-        self.run, self.context, self.models, self.optimizer, self.load_counter = run, context, models, optimizer, load_counter
+        self.run, self.context, self.models = run, context, models
+        self.optimizer, self.load_counter = optimizer, load_counter
         train = run.train
         self.seq_length = train.seq_length
         self.tokens_per_step = train.global_batch_size * train.seq_length
@@ -160,8 +166,8 @@ class Bench:
 
         i = self.step_index
         self.step_index += 1
-        start = time.perf_counter()
         set_learning_rate(self.optimizer, learning_rate(self.run.train, i * self.tokens_per_step))
+        start = time.perf_counter()  # the span the trainer logs as compute_s
         result = train_step(self.models, self.optimizer, self.batches[i % len(self.batches)], self.context,
                             model_config=self.run.model, seq_length=self.seq_length, expert_load=self.load_counter)
         return time.perf_counter() - start, result.lm_loss
@@ -200,15 +206,19 @@ def eval_share(*, interval: int, eval_tokens: int, seq_length: int, tokens_per_s
 
 # ----------------------------------------------------------------------------- profile (--profile)
 def profile(bench: Bench, out_dir: str, *, repeats: int = 5) -> dict:
-    """Where the time goes: median seconds per micro-batch of each phase, and profiler tables."""
+    """Where the time goes: the fastest of `repeats` runs of each phase on one micro-batch (the
+    minimum: the least disturbed by other work on a shared machine), and profiler tables of one
+    train step and one eval call."""
     import torch
 
     from olmoe_megatron.evaluation.forward import evaluation_mode, token_losses
+    from olmoe_megatron.training.moe_metrics import reduce_router_losses
     from olmoe_megatron.training.step import run_forward_backward
 
     os.makedirs(out_dir, exist_ok=True)
     models, context, seq = bench.models, bench.context, bench.seq_length
     batch = bench.batches[0]
+    b = batch[0]
 
     def timed(fn) -> float:
         fn()
@@ -217,46 +227,50 @@ def profile(bench: Bench, out_dir: str, *, repeats: int = 5) -> dict:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return min(times)
 
-    def zero() -> None:
+    def reset() -> None:  # what train_step does after the schedule: gradients, router losses, expert load
         for m in models:
             m.zero_grad_buffer()
         bench.optimizer.zero_grad()
+        reduce_router_losses(bench.run.model, context, num_microbatches=len(batch))
+        if bench.load_counter is not None:
+            bench.load_counter.reduce_and_reset(context)
 
-    def forward_autograd() -> None:  # the training step's forward: train mode, graph kept (then dropped)
-        run_forward_backward(models, batch, context, seq_length=seq, forward_only=True)
+    def eval_model_only() -> None:  # the model call alone: no Megatron schedule, no loss dict
+        with evaluation_mode(models):
+            models[0](b["tokens"], b["position_ids"], None, labels=b["labels"])
 
-    def forward_backward() -> None:
-        zero()
-        run_forward_backward(models, batch, context, seq_length=seq)
-        zero()
-
-    def eval_forward() -> None:  # one micro-batch through token_losses, as validation_loss runs it
+    def eval_token_losses() -> None:  # one micro-batch through the schedule, as validation_loss runs it
         with evaluation_mode(models):
             token_losses(models, batch, context, seq_length=seq)
 
-    def eval_forward_no_schedule() -> None:  # the model call alone, no Megatron schedule or loss dict
-        with evaluation_mode(models):
-            b = batch[0]
-            models[0](b["tokens"], b["position_ids"], None, labels=b["labels"])
-
-    def train_mode_no_grad() -> None:  # forward under no_grad in train mode: what eval mode changes
+    def no_grad_train_mode() -> None:  # what eval mode changes besides no_grad
         with torch.no_grad():
-            b = batch[0]
             models[0](b["tokens"], b["position_ids"], None, labels=b["labels"])
+        reset()
 
+    def forward_autograd() -> None:  # the training step's forward: train mode, graph built (then dropped)
+        run_forward_backward(models, batch, context, seq_length=seq, forward_only=True)
+        reset()
+
+    def forward_backward() -> None:
+        run_forward_backward(models, batch, context, seq_length=seq)
+        reset()
+
+    eval_calls = []
+    for _ in range(3):
+        eval_calls.append(bench.evaluate()[0])
+    num_eval_batches = math.ceil(bench.windows.num_windows / bench.eval_micro_batch)
     phases = {
-        "train_step": timed(lambda: bench.train_step()),
-        "forward_backward": timed(forward_backward),
+        "eval_call_per_micro_batch": min(eval_calls) / num_eval_batches,
+        "eval_token_losses": timed(eval_token_losses),
+        "eval_model_only": timed(eval_model_only),
+        "no_grad_train_mode": timed(no_grad_train_mode),
         "forward_with_autograd": timed(forward_autograd),
-        "forward_no_grad_train_mode": timed(train_mode_no_grad),
-        "eval_forward_token_losses": timed(eval_forward),
-        "eval_forward_model_only": timed(eval_forward_no_schedule),
-        "eval_call_per_micro_batch": None,
+        "forward_backward": timed(forward_backward),
+        "train_step": timed(lambda: bench.train_step()),
     }
-    eval_s = statistics.median(bench.evaluate()[0] for _ in range(3))
-    phases["eval_call_per_micro_batch"] = eval_s / math.ceil(bench.windows.num_windows / bench.eval_micro_batch)
     phases["optimizer_and_reductions"] = phases["train_step"] - phases["forward_backward"]
 
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -265,18 +279,20 @@ def profile(bench: Bench, out_dir: str, *, repeats: int = 5) -> dict:
             fn()
         with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
             f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-    return {"seconds_per_micro_batch": phases, "micro_batch_tokens": bench.tokens_per_step, "tables": out_dir}
+    return {"seconds_per_micro_batch_min": phases, "micro_batch_tokens": bench.tokens_per_step // len(batch),
+            "eval_micro_batches_per_call": num_eval_batches, "tables": out_dir}
 
 
 # ----------------------------------------------------------------------------- provenance
-def _git(checkout: str, *cmd: str) -> str:
-    return subprocess.run(["git", "-C", checkout, *cmd], capture_output=True, text=True).stdout.strip()
+def _git(*cmd: str) -> str:
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(["git", "-C", checkout, *cmd], capture_output=True, text=True).stdout
 
 
 def _provenance() -> dict:
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    dirty = [line[3:] for line in _git(checkout, "status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"commit": _git(checkout, "rev-parse", "HEAD") or "unknown", "dirty": bool(dirty), "dirty_paths": dirty}
+    """The checkout's HEAD and the tracked files that differ from it (porcelain: 'XY path')."""
+    dirty = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
+    return {"commit": _git("rev-parse", "HEAD").strip() or "unknown", "dirty": bool(dirty), "dirty_paths": dirty}
 
 
 def _machine(load_before: tuple, threads: int) -> dict:
@@ -303,7 +319,8 @@ def _versions() -> dict:
 def _table(r: dict) -> str:
     share = r["eval_share"]
     rows = [
-        ("training step (train_step)", f"{r['train_tokens_per_s']:,.0f}", f"{1000 * r['train_step_s_median']:.0f} ms / step",
+        ("training step (train_step)", f"{r['train_tokens_per_s']:,.0f}",
+         f"{1000 * r['train_step_s_median']:.0f} ms / step",
          f"{r['tokens_per_step']:,} tokens/step"),
         ("eval (validation_loss)", f"{r['eval_tokens_per_s']:,.0f}", f"{1000 * r['eval_call_s_median']:.0f} ms / call",
          f"{r['eval_tokens_per_call']:,} tokens/call"),
@@ -337,7 +354,10 @@ def main() -> int:
     warnings.filterwarnings("ignore", message=".*Apex (are|is) not installed")
     warnings.filterwarnings("ignore", category=FutureWarning)
     load_before = os.getloadavg()
+    provenance = _provenance()  # of the code that runs (a commit landing meanwhile is noted below)
     threads = _set_threads()
+    import torch
+
     from olmoe_megatron.recipes import get_recipe
     from olmoe_megatron.training.metrics import measure_matmul_flops
 
@@ -345,8 +365,6 @@ def main() -> int:
     print(f"[eval_throughput] precision {dtype}: {why}", flush=True)
     run, context, models, optimizer, load_counter = _build(dtype)
     bench = Bench(run, context, models, optimizer, load_counter, eval_windows=args.eval_windows)
-    import torch
-
     matmul = measure_matmul_flops(torch.float32 if dtype == "fp32" else torch.bfloat16)
     print(f"[eval_throughput] {RECIPE}: {args.warmup} warm-up + {args.repeats} timed rounds of {args.train_steps} "
           f"steps x {bench.tokens_per_step} tokens, then {bench.windows.num_windows} windows x {bench.seq_length} "
@@ -378,6 +396,9 @@ def main() -> int:
         "warmup_rounds": args.warmup, "repeats": args.repeats,
         "train_tokens_per_s": train_tps, "eval_tokens_per_s": eval_tps, "ratio": eval_tps / train_tps,
         "paired_ratio_median": statistics.median(r["eval_over_train"] for r in rounds),
+        # the least disturbed round of each side: a check on the medians when other work shares the cores
+        "train_tokens_per_s_best": max(r["train_tokens_per_s"] for r in rounds),
+        "eval_tokens_per_s_best": max(r["eval_tokens_per_s"] for r in rounds),
         "train_step_s_median": statistics.median(s for r in rounds for s in r["train_step_s"]),
         "eval_call_s_median": statistics.median(r["eval_s"] for r in rounds),
         "target_ratio": TARGET_RATIO, "target_met": eval_tps / train_tps >= TARGET_RATIO,
@@ -387,17 +408,24 @@ def main() -> int:
         result["profile"] = profile(bench, args.profile)
     if load_counter is not None:
         load_counter.detach()
-    result.update(**_provenance(), machine=_machine(load_before, threads), versions=_versions(), command=command)
+    at_end = _provenance()["commit"]
+    if at_end != provenance["commit"]:
+        provenance["commit_at_end"] = at_end
+    result.update(**provenance, machine=_machine(load_before, threads), versions=_versions(), command=command)
 
     print()
     print(_table(result))
+    print(f"best rounds: train {result['train_tokens_per_s_best']:,.0f} tok/s, eval "
+          f"{result['eval_tokens_per_s_best']:,.0f} tok/s "
+          f"({result['eval_tokens_per_s_best'] / result['train_tokens_per_s_best']:.2f}x)")
     print(f"target: eval >= {TARGET_RATIO}x training tokens/s: "
           f"{'met' if result['target_met'] else 'NOT met'} ({result['ratio']:.2f}x)")
     print(f"eval share: {interval_source}; eval.tokens {run.eval.tokens:,}; "
           f"{share['train_tokens_per_interval']:,} training tokens per interval")
     if args.profile:
-        print("\nseconds per micro-batch of " + f"{bench.tokens_per_step} tokens (median):")
-        for name, seconds in result["profile"]["seconds_per_micro_batch"].items():
+        print(f"\nseconds per micro-batch of {result['profile']['micro_batch_tokens']} tokens "
+              f"(fastest of 5):")
+        for name, seconds in result["profile"]["seconds_per_micro_batch_min"].items():
             print(f"  {name:<28}{1000 * seconds:>8.1f} ms")
         print(f"profiler tables: {args.profile}/train_step.txt, {args.profile}/eval_call.txt")
     if args.out:

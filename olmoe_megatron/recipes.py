@@ -131,7 +131,7 @@ def olmoe_demo() -> RunConfig:
         checkpoint=CheckpointConfig(dir="runs/demo/checkpoints", save_interval=100, keep_last=2),
         metrics=MetricsConfig(jsonl="runs/demo/metrics.jsonl"),
         eval=EvalConfig(interval=125, datasets=(EvalSourceConfig(name="stdlib-heldout", demo_heldout=True),),
-                        tokens=16_384, tasks=("demo-next-line",), task_limit=200),
+                        tokens=16_384, micro_batch_size=16, tasks=("demo-next-line",), task_limit=200),
     )
 
 

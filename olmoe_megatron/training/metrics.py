@@ -106,12 +106,33 @@ def measure_matmul_flops(dtype: torch.dtype, *, size: int = 1024, seconds: float
     return 2 * size**3 * iterations / (time.perf_counter() - start)
 
 
+def x86_bf16_instructions(cpuinfo: str | None = None) -> bool | None:
+    """Whether this x86 CPU has bf16 matrix instructions (the avx512_bf16 or amx_bf16 flag of
+    /proc/cpuinfo); None where that cannot be told (not Linux x86)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cpu_bf16_is_slow(*, ratio: float = 0.25) -> tuple[bool, float, float]:
-    """(slow, bf16 FLOP/s, fp32 FLOP/s) of 256^3 matmuls on this process's threads: slow when bf16
-    runs below `ratio` times fp32, as on CPUs without bf16 matrix instructions (AVX2-only x86, where
-    oneDNN's bf16 GEMM falls back to a reference loop: 0.9 against 118 GFLOP/s on an AMD EPYC)."""
+    """(slow, bf16 FLOP/s, fp32 FLOP/s) of 256^3 matmuls on this process's threads.
+
+    On x86 Linux the CPU flags decide: without avx512_bf16 or amx_bf16, oneDNN's bf16 GEMM falls
+    back to a reference loop (0.9 against 118 GFLOP/s in fp32 on an AMD EPYC). Elsewhere bf16 is
+    slow when it runs below `ratio` times fp32 (a 0.2 s probe each, which a loaded machine can skew,
+    hence the flags first)."""
     bf16 = measure_matmul_flops(torch.bfloat16, size=256, seconds=0.2)
     fp32 = measure_matmul_flops(torch.float32, size=256, seconds=0.2)
+    has_instructions = x86_bf16_instructions()
+    if has_instructions is not None:
+        return not has_instructions, bf16, fp32
     return bf16 < ratio * fp32, bf16, fp32
 
 

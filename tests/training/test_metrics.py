@@ -107,3 +107,12 @@ def test_console_line_unchanged_for_bf16_and_names_the_fp8_peak():
         "1,234 tok/s | 0.500 TFLOP/s | MFU 20.0% | busiest expert 50%")
     fp8 = format_line({**RECORD, "mfu_peak": "fp8", "mfu": 0.1})
     assert "MFU 10.0% of fp8 peak (20.0% of bf16) |" in fp8
+
+
+def test_bf16_speed_is_told_by_the_cpu_flags():
+    from olmoe_megatron.training.metrics import x86_bf16_instructions
+
+    assert x86_bf16_instructions("processor : 0\nflags : fpu sse avx2 fma\n") is False
+    assert x86_bf16_instructions("flags\t\t: fpu avx512f avx512_bf16 amx_tile\n") is True
+    assert x86_bf16_instructions("flags : fpu amx_bf16\n") is True
+    assert x86_bf16_instructions("Features : fp asimd bf16\n") is None  # an ARM cpuinfo: measure instead
