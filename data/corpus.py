@@ -72,24 +72,23 @@ def stdlib_source_files(max_bytes: int) -> list[Path]:
     return _take_bytes(_stdlib_files(), max_bytes)
 
 
-HELDOUT_STRIDE = 10
 # Generated code-page tables: long runs of near-identical lines, not code; their low loss would
 # dominate a validation set that starts among them (the 4 MB cutoff falls inside encodings/).
 _HELDOUT_EXCLUDED = ("encodings",)
 
 
 def stdlib_heldout_files(max_bytes: int, heldout_bytes: int = DEFAULT_HELDOUT_BYTES) -> list[Path]:
-    """Every HELDOUT_STRIDE-th file after `stdlib_source_files(max_bytes)` in the same order (the
-    generated tables of encodings/ left out), up to `heldout_bytes`: spread over the rest of the
-    library, not one package's run of similar files.
+    """The files after `stdlib_source_files(max_bytes)` in the same order, the generated tables of
+    encodings/ left out, up to `heldout_bytes`: the library's next top-level modules (enum, fractions,
+    functools, gzip, ...), code like the corpus's and never in it.
 
     Disjoint from the demo corpus of `max_bytes`; empty when the corpus already takes every file.
     """
     root = stdlib_root()
     files = _stdlib_files()
     _take_bytes(files, max_bytes)  # skip the corpus's files
-    rest = [(path, size) for path, size in files if path.relative_to(root).parts[0] not in _HELDOUT_EXCLUDED]
-    return _take_bytes(iter(rest[::HELDOUT_STRIDE]), heldout_bytes)
+    rest = ((path, size) for path, size in files if path.relative_to(root).parts[0] not in _HELDOUT_EXCLUDED)
+    return _take_bytes(rest, heldout_bytes)
 
 
 def _corpus_settings(max_bytes: int) -> dict:
@@ -187,8 +186,7 @@ def build_demo_heldout(out_dir: str | os.PathLike, *, tokenizer_path: str | None
                         f"standard-library file ({len(sizes)} files, {sum(sizes)} bytes under {stdlib_root()}); "
                         f"set data.demo_max_bytes <= {sum(sizes[:-1])} to leave files for held-out text")
     tokenizer_file = _demo_tokenizer_file(tokenizer_path, max_bytes)
-    settings = {**_corpus_settings(max_bytes), "heldout_bytes": heldout_bytes, "heldout_stride": HELDOUT_STRIDE,
-                "heldout_excluded": _HELDOUT_EXCLUDED,
+    settings = {**_corpus_settings(max_bytes), "heldout_bytes": heldout_bytes, "heldout_excluded": _HELDOUT_EXCLUDED,
                 "tokenizer_sha256": sha256_file(tokenizer_file)}
     return _build_stdlib_manifest(out_dir, name=f"stdlib-heldout-{description_hash(settings)[:12]}",
                                   settings=settings, files=lambda: stdlib_heldout_files(max_bytes, heldout_bytes),

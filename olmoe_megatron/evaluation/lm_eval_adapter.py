@@ -41,7 +41,7 @@ from olmoe_megatron.config import ConfigError
 from olmoe_megatron.evaluation.evaluator import pad_multiple
 from olmoe_megatron.evaluation.forward import evaluation_mode
 from olmoe_megatron.evaluation.lm_eval_plugin import MODEL_NAME
-from olmoe_megatron.evaluation.scoring import _request_batch, choice_logliks
+from olmoe_megatron.evaluation.scoring import choice_logliks, request_batch
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class OlmoeMegatronLM(TemplateLM):
             rows = order[first:first + self._micro_batch_size]
             longest = max(len(pairs[i][0]) + len(pairs[i][1]) - 1 for i in rows)
             length = min(self._max_length, _round_up(longest, self._pad_multiple))
-            batch, spans = _request_batch([pairs[i] for i in rows], max_length=self._max_length, length=length)
+            batch, spans = request_batch([pairs[i] for i in rows], max_length=self._max_length, length=length)
             predicted = self._logits(batch["tokens"]).argmax(dim=-1).cpu()
             for row, (request, (start, stop)) in enumerate(zip(rows, spans)):
                 flags[request] = bool(torch.equal(predicted[row, start:stop], batch["labels"][row, start:stop]))

@@ -99,7 +99,7 @@ def choice_logliks(models: list[torch.nn.Module], requests: list[tuple[list[int]
                    for p in range(first, first + group)]
         rows = [(m if m is not None else in_group[0]) for m in members]  # a discarded copy that fits the length
         rows = [row + [row[0]] * (micro_batch_size - len(row)) for row in rows]  # full micro-batches everywhere
-        micro_batches, spans = zip(*(_request_batch([requests[i] for i in row], max_length=max_length, length=length)
+        micro_batches, spans = zip(*(request_batch([requests[i] for i in row], max_length=max_length, length=length)
                                      for row in rows))
         losses = token_losses(models, list(micro_batches), context, seq_length=length)
         for member, row_spans, loss in zip(members, spans, losses):
@@ -111,7 +111,7 @@ def choice_logliks(models: list[torch.nn.Module], requests: list[tuple[list[int]
     return _reduce_sum(logliks, context).numpy()
 
 
-def _request_batch(requests: list[tuple[list[int], list[int]]], *, max_length: int, length: int):
+def request_batch(requests: list[tuple[list[int], list[int]]], *, max_length: int, length: int):
     """One micro-batch of requests and, per row, the label positions [start, stop) of its continuation."""
     sequences, spans = [], []
     for context_ids, continuation_ids in requests:

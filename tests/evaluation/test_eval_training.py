@@ -110,6 +110,30 @@ def test_olmoe_eval_reproduces_the_in_loop_value_and_hf(runs, files, tmp_path):
     assert result["metrics"]["eval/val/loss"] == pytest.approx(hf_loss, rel=1e-4)
 
 
+def test_olmoe_eval_in_another_layout_gives_the_same_values(runs, files):
+    """The 1-process checkpoint evaluated on 2 ranks with expert parallelism 2 (resharded on load),
+    with a task file beside the validation source: every rank agrees and equals one process."""
+    import json
+
+    task = files["root"] / "arith.jsonl"
+    items = [{"id": i, "context": f"{i} plus {i} is", "choices": [f" {2 * i}", f" {2 * i + 1}", f" {i}"], "label": 0}
+             for i in range(7)]
+    task.write_text("".join(json.dumps(item) + "\n" for item in items))
+    ckpt = runs["evaluated"]["checkpoint"]["dir"]
+    flags = [f"--eval.tasks=[{task}]", "--data.tokenizer=olmoe"]
+    one = runs["pool"].run(_eval_checkpoint, ckpt, flags)[0]["metrics"]
+    pool = get_pool(2)
+    try:
+        two = pool.run(_eval_checkpoint, ckpt, flags + ["--parallel.expert_parallel=2"])
+    finally:
+        pool.close()
+    values = [{k: v for k, v in r["metrics"].items() if k != "eval/time_s"} for r in two]  # time is per rank
+    assert values[0] == values[1] and "ep=2" in two[0]["layout"]
+    assert one["eval/arith/items"] == 7 and two[0]["metrics"]["eval/arith/acc"] == one["eval/arith/acc"]
+    for key in ("eval/val/loss", "eval/arith/acc_norm"):
+        assert two[0]["metrics"][key] == pytest.approx(one[key], rel=1e-5), key
+
+
 def test_olmoe_eval_with_nothing_to_evaluate_is_a_clear_error(runs, capsys):
     from olmoe_megatron.launcher.cli import main
 
