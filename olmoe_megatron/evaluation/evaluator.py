@@ -38,14 +38,19 @@ def pad_multiple(context: ParallelContext) -> int:
     return math.lcm(8, layout.tp, 2 * layout.cp)
 
 
-def task_tokenizer(data) -> "callable":
-    """`encode(text) -> ids` with the run's tokenizer (data.tokenizer), no special tokens added."""
+def run_tokenizer(data):
+    """The `tokenizers.Tokenizer` of the run's data.tokenizer ('olmoe', 'demo-bpe-N' or a path)."""
     from olmoe_megatron.data.corpus import demo_bpe_tokenizer
     from olmoe_megatron.data.tokenizer import demo_bpe_vocab_size, load_tokenizer
 
     bpe_vocab = demo_bpe_vocab_size(data.tokenizer)
     spec = demo_bpe_tokenizer(bpe_vocab, max_bytes=data.demo_max_bytes) if bpe_vocab is not None else data.tokenizer
-    tokenizer = load_tokenizer(spec)
+    return load_tokenizer(spec)
+
+
+def task_tokenizer(data) -> "callable":
+    """`encode(text) -> ids` with the run's tokenizer (data.tokenizer), no special tokens added."""
+    tokenizer = run_tokenizer(data)
     return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
 
 

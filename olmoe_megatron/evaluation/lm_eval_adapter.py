@@ -38,7 +38,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from olmoe_megatron.config import ConfigError
-from olmoe_megatron.evaluation.evaluator import pad_multiple
+from olmoe_megatron.evaluation.evaluator import pad_multiple, run_tokenizer
 from olmoe_megatron.evaluation.forward import evaluation_mode
 from olmoe_megatron.evaluation.lm_eval_plugin import MODEL_NAME
 from olmoe_megatron.evaluation.scoring import choice_logliks, request_batch
@@ -70,16 +70,6 @@ def load_chunks(step_dir: Path, run, context) -> list[torch.nn.Module]:
     chunks = build_model_chunks(run.model, context, precision=run.precision, config=config)
     load_model(chunks, step_dir)
     return chunks
-
-
-def run_tokenizer(data):
-    """The `tokenizers.Tokenizer` of data.tokenizer, resolved as `task_tokenizer` resolves it."""
-    from olmoe_megatron.data.corpus import demo_bpe_tokenizer
-    from olmoe_megatron.data.tokenizer import demo_bpe_vocab_size, load_tokenizer
-
-    bpe_vocab = demo_bpe_vocab_size(data.tokenizer)
-    spec = demo_bpe_tokenizer(bpe_vocab, max_bytes=data.demo_max_bytes) if bpe_vocab is not None else data.tokenizer
-    return load_tokenizer(spec)
 
 
 def _override_list(overrides: str | Sequence[str] | None) -> list[str]:
