@@ -40,10 +40,11 @@ import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
+
+import provenance  # benchmarks/provenance.py (this folder is on sys.path)
 
 RECIPE = "olmoe_small"
 TARGET_RATIO = 2.5
@@ -51,14 +52,6 @@ DEFAULT_INTERVAL = 1000  # OLMo-core EvaluatorCallback.eval_interval; OLMo confi
 
 
 # ----------------------------------------------------------------------------- setup
-def _set_threads() -> int:
-    import torch
-
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(threads)
-    return threads
-
-
 def _precision(run, requested: str) -> tuple[str, str, dict]:
     """(dtype, why, matmul rates): the recipe's dtype unless bf16 is slow on this CPU (or forced)."""
     import torch
@@ -284,35 +277,21 @@ def profile(bench: Bench, out_dir: str, *, repeats: int = 5) -> dict:
 
 
 # ----------------------------------------------------------------------------- provenance
-def _git(*cmd: str) -> str:
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run(["git", "-C", checkout, *cmd], capture_output=True, text=True).stdout
-
-
 def _provenance() -> dict:
-    """The checkout's HEAD and the tracked files that differ from it (porcelain: 'XY path')."""
-    dirty = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
-    return {"commit": _git("rev-parse", "HEAD").strip() or "unknown", "dirty": bool(dirty), "dirty_paths": dirty}
+    """The checkout's HEAD and the tracked files that differ from it."""
+    dirty = provenance.dirty_paths()
+    commit = provenance.git(provenance.REPOSITORY, "rev-parse", "HEAD").strip() or "unknown"
+    return {"commit": commit, "dirty": bool(dirty), "dirty_paths": dirty}
 
 
 def _machine(load_before: tuple, threads: int) -> dict:
-    import platform
-
-    import torch
-
-    model = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                     model)
-    return {"cpu": model, "cores": os.cpu_count(), "threads": threads,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    cpu = provenance.cpu_description()
+    return {"cpu": cpu["cpu"], "cores": cpu["cores"], "threads": threads, "cpu_capability": cpu["cpu_capability"],
             "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
-    return {name: md.version(name) for name in ("torch", "megatron-core", "numpy")}
+    return provenance.versions("torch", "megatron-core", "numpy")
 
 
 # ----------------------------------------------------------------------------- driver
@@ -354,8 +333,8 @@ def main() -> int:
     warnings.filterwarnings("ignore", message=".*Apex (are|is) not installed")
     warnings.filterwarnings("ignore", category=FutureWarning)
     load_before = os.getloadavg()
-    provenance = _provenance()  # of the code that runs (a commit landing meanwhile is noted below)
-    threads = _set_threads()
+    started_at = _provenance()  # of the code that runs (a commit landing meanwhile is noted below)
+    threads = provenance.set_threads()
     import torch
 
     from olmoe_megatron.recipes import get_recipe
@@ -409,9 +388,9 @@ def main() -> int:
     if load_counter is not None:
         load_counter.detach()
     at_end = _provenance()["commit"]
-    if at_end != provenance["commit"]:
-        provenance["commit_at_end"] = at_end
-    result.update(**provenance, machine=_machine(load_before, threads), versions=_versions(), command=command)
+    if at_end != started_at["commit"]:
+        started_at["commit_at_end"] = at_end
+    result.update(**started_at, machine=_machine(load_before, threads), versions=_versions(), command=command)
 
     print()
     print(_table(result))

@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+import provenance  # benchmarks/provenance.py (this folder is on sys.path)
+
 RECIPE = "olmoe_small"
 MICRO_BATCH = 4
 SEQ_LENGTH = 256
@@ -44,14 +46,6 @@ PRECISIONS = ("bf16", "fp32")
 
 
 # ----------------------------------------------------------------------------- workers
-def _set_threads() -> int:
-    import torch
-
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(threads)
-    return threads
-
-
 def _batches(vocab_size: int, count: int = 4) -> list:
     import torch
 
@@ -172,7 +166,7 @@ def run_worker(args) -> None:
 
     from olmoe_megatron.training.metrics import measure_matmul_flops
 
-    threads = _set_threads()
+    threads = provenance.set_threads()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     matmul = measure_matmul_flops(dtype)
     fn = worker_ours if args.worker == "ours" else worker_hf
@@ -204,28 +198,16 @@ def _load() -> float:
 
 def _commit(checkout: str) -> str:
     """The checkout's HEAD commit, with '+dirty' when tracked files differ from it."""
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", "-C", checkout, *cmd], capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    head = provenance.git(checkout, "rev-parse", "--short", "HEAD").strip() or "unknown"
+    return head + ("+dirty" if provenance.dirty_paths(checkout) else "")
 
 
 def _machine() -> dict:
-    import platform
-
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return {"cpu": model, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "load_average_1m_at_end": _load()}
+    return {**provenance.cpu_description(), "load_average_1m_at_end": _load()}
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
-    return {name: md.version(name) for name in ("torch", "megatron-core", "transformers")}
+    return provenance.versions("torch", "megatron-core", "transformers")
 
 
 def measure(precision: str, args) -> dict:
@@ -329,8 +311,8 @@ def main() -> int:
         if precision != "bf16":
             out[precision] = r
     out.update(recipe=RECIPE, micro_batch=MICRO_BATCH, seq_length=SEQ_LENGTH, steps=args.steps,
-               warmup=args.warmup, repeats=args.repeats, commit=_commit(os.path.dirname(os.path.dirname(
-                   os.path.abspath(__file__)))), machine=_machine(), versions=_versions())
+               warmup=args.warmup, repeats=args.repeats, commit=_commit(provenance.REPOSITORY), machine=_machine(),
+               versions=_versions())
     if args.baseline_checkout:
         out.update(baseline_commit=_commit(args.baseline_checkout), baseline_checkout=args.baseline_checkout)
     with open(args.json, "w") as f:
