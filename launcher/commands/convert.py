@@ -36,10 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--dense", required=True, help="dense model checkpoint (model.num_experts=0)")
     up.add_argument("--num-experts", type=int, required=True)
     up.add_argument("--top-k", type=int, required=True)
-    up.add_argument("--noise", type=float, default=0.0,
-                    help="std of the router init (default 0: zero router, experts' fc2 scaled by E/K, so step 0 "
-                         "reproduces the dense model exactly)")
-    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--method", choices=("olmoe", "function_preserving"), default="olmoe",
+                    help="olmoe (default, as OLMoE's sparsify_ckpt_unsharded.py): every expert an unscaled copy "
+                         "of the dense MLP, router from N(0, 0.02); function_preserving: experts' fc2 scaled by "
+                         "E/K and a zero router, so step 0 reproduces the dense model exactly")
+    up.add_argument("--router-std", "--noise", dest="router_std", type=float, default=None,
+                    help="std of the (untruncated normal) router init (default: 0.02 for olmoe, 0 for "
+                         "function_preserving)")
+    up.add_argument("--seed", type=int, default=0,
+                    help="seed of the router init (default 0; recorded in the output's olmoe_upcycle.json)")
     up.add_argument("--out", required=True)
     up.add_argument("--model-config", default=None, help="ModelConfig YAML if the checkpoint has none")
     up.add_argument("--overwrite", action="store_true")
@@ -67,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
             log.info("exported %s to %s", source, args.out)
         else:
             model = upcycle(args.dense, args.out, num_experts=args.num_experts, top_k=args.top_k,
-                            noise_std=args.noise, seed=args.seed, model_config=args.model_config,
-                            overwrite=args.overwrite)
-            log.info("wrote %s: %d experts top-%d", args.out, model.num_experts, model.top_k)
+                            method=args.method, router_std=args.router_std, seed=args.seed,
+                            model_config=args.model_config, overwrite=args.overwrite)
+            log.info("wrote %s: %d experts top-%d (%s upcycling)", args.out, model.num_experts, model.top_k,
+                     args.method)
     except ConversionError as exc:
         print(f"olmoe convert {args.convert_command}: {exc}", file=sys.stderr)
         return 2
