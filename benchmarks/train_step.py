@@ -21,11 +21,15 @@ threads); MFU = ModelConfig.flops_per_token(256) x tokens/s / median measured ma
 
 `--baseline-checkout DIR` adds a third side: our step at another checkout (say, the commit before a
 refactor), with `--baseline-python` as its interpreter; runs then alternate ours, baseline, HF, and
-the table gains ours / baseline. The JSON records this checkout's commit, the baseline's, the
-machine (CPU model, cores, torch's CPU capability, load per run) and the peers' versions.
+the table gains ours / baseline. `--expert-choice` adds our step with expert-choice routing
+(olmoe_small with model.router_type='expert_choice', no load-balancing loss: the
+ablation_expert_choice change) as one more side, so token choice and expert choice are timed
+side by side, in the same alternation; the table gains EC tok/s and EC / ours. The JSON records
+this checkout's commit, the baseline's, the machine (CPU model, cores, torch's CPU capability, load
+per run) and the peers' versions.
 
 Usage: python benchmarks/train_step.py --json out.json [--steps 20] [--warmup 10] [--repeats 3]
-           [--baseline-checkout DIR [--baseline-python PY]]
+           [--baseline-checkout DIR [--baseline-python PY]] [--expert-choice]
 """
 
 import argparse
@@ -64,7 +68,8 @@ def _timed(step, *, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def worker_ours(precision_name: str, *, warmup: int, steps: int, profile: str | None) -> dict:
+def worker_ours(precision_name: str, *, warmup: int, steps: int, profile: str | None,
+                router: str = "token_choice") -> dict:
     import torch
 
     from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
@@ -79,6 +84,8 @@ def worker_ours(precision_name: str, *, warmup: int, steps: int, profile: str | 
 
     run = get_recipe(RECIPE)
     model_cfg, train_cfg = run.model, run.train
+    if router == "expert_choice":  # as ablation_expert_choice changes its token-choice model
+        model_cfg = model_cfg.replace(router_type="expert_choice", router_aux_loss_coeff=0.0)
     assert (train_cfg.micro_batch_size, train_cfg.global_batch_size, train_cfg.seq_length) == (
         MICRO_BATCH, MICRO_BATCH, SEQ_LENGTH)
     precision = PrecisionConfig(dtype=precision_name, spec="local")
@@ -107,7 +114,8 @@ def worker_ours(precision_name: str, *, warmup: int, steps: int, profile: str | 
         losses.append(result.lm_loss)
 
     times = _profiled(step, warmup=warmup, steps=steps, profile=profile)
-    return {"times": times, "losses": losses, "impl": f"{model_cfg.expert_impl} experts, {model_cfg.token_dispatcher} dispatcher"}
+    impl = f"{model_cfg.expert_impl} experts, {model_cfg.token_dispatcher} dispatcher, {model_cfg.router_type} router"
+    return {"times": times, "losses": losses, "impl": impl}
 
 
 def worker_hf(precision_name: str, *, warmup: int, steps: int, profile: str | None) -> dict:
@@ -169,8 +177,11 @@ def run_worker(args) -> None:
     threads = provenance.set_threads()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     matmul = measure_matmul_flops(dtype)
-    fn = worker_ours if args.worker == "ours" else worker_hf
-    result = fn(args.precision, warmup=args.warmup, steps=args.steps, profile=args.profile)
+    if args.worker == "ours":
+        result = worker_ours(args.precision, warmup=args.warmup, steps=args.steps, profile=args.profile,
+                             router=args.router)
+    else:
+        result = worker_hf(args.precision, warmup=args.warmup, steps=args.steps, profile=args.profile)
     result.update(matmul_flops=matmul, threads=threads, tokens_per_s=TOKENS_PER_STEP * len(result["times"]) / sum(result["times"]))
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -178,12 +189,15 @@ def run_worker(args) -> None:
 # ----------------------------------------------------------------------------- driver
 def _spawn(worker: str, precision: str, args) -> dict:
     python, script, cwd = sys.executable, os.path.abspath(__file__), None
+    extra = []
+    if worker == "ours_ec":  # our step, expert-choice routing
+        worker, extra = "ours", ["--router", "expert_choice"]
     if worker == "baseline":  # our step at the baseline checkout, run by its own script
         python = args.baseline_python or sys.executable
         script = os.path.join(args.baseline_checkout, "benchmarks", "train_step.py")
         cwd, worker = args.baseline_checkout, "ours"
     cmd = [python, script, "--worker", worker, "--precision", precision,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -214,7 +228,8 @@ def measure(precision: str, args) -> dict:
     """Alternating runs of ours and HF in `precision`; medians over runs."""
     from olmoe_megatron.recipes import get_recipe
 
-    sides = ("ours", "baseline", "hf") if args.baseline_checkout else ("ours", "hf")
+    sides = ("ours",) + (("baseline",) if args.baseline_checkout else ()) + (("ours_ec",) if args.expert_choice else ()) \
+        + ("hf",)
     runs = {side: [] for side in sides}
     loads = []
     for repeat in range(args.repeats):
@@ -239,8 +254,23 @@ def measure(precision: str, args) -> dict:
             "baseline_runs_tokens_per_s": [r["tokens_per_s"] for r in runs["baseline"]],
             "baseline_first_losses": runs["baseline"][0]["losses"][:3],
         }
+    expert_choice = {}
+    if args.expert_choice:
+        ec = statistics.median(r["tokens_per_s"] for r in runs["ours_ec"])
+        expert_choice = {
+            "ours_ec_tokens_per_s": ec,
+            "ec_over_ours": ec / ours,
+            "ec_over_ours_paired_median": statistics.median(
+                e["tokens_per_s"] / o["tokens_per_s"] for e, o in zip(runs["ours_ec"], runs["ours"])),
+            # Expert choice routes factor * top_k rows per token on average (factor 1): the same FLOPs.
+            "ec_mfu": flops_per_token * ec / matmul,
+            "ours_ec_runs_tokens_per_s": [r["tokens_per_s"] for r in runs["ours_ec"]],
+            "ours_ec_impl": runs["ours_ec"][0]["impl"],
+            "ours_ec_first_losses": runs["ours_ec"][0]["losses"][:3],
+        }
     return {
         **baseline,
+        **expert_choice,
         "ours_tokens_per_s": ours,
         "hf_tokens_per_s": hf,
         "ratio": ours / hf,
@@ -269,7 +299,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per run, first (both sides)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side per precision (alternating)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated: bf16,fp32")
+    parser.add_argument("--expert-choice", action="store_true",
+                        help="also time our step with expert-choice routing (model.router_type='expert_choice')")
     parser.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--router", choices=("token_choice", "expert_choice"), default="token_choice",
+                        help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help=argparse.SUPPRESS)
     parser.add_argument("--profile", help="(with --worker) write a torch.profiler table of the timed steps here")
     parser.add_argument("--baseline-checkout", help="another checkout of this repository whose step runs as a third side")
@@ -284,7 +318,7 @@ def main() -> int:
     precisions = [p for p in args.precisions.split(",") if p]
     results = {}
     for precision in precisions:
-        print(f"{precision}: {args.repeats} x (ours, HF), {args.warmup} warmup + {args.steps} timed steps of "
+        print(f"{precision}: {args.repeats} x (ours{', EC' if args.expert_choice else ''}, HF), {args.warmup} warmup + {args.steps} timed steps of "
               f"{MICRO_BATCH}x{SEQ_LENGTH} tokens", flush=True)
         results[precision] = measure(precision, args)
 
@@ -302,6 +336,12 @@ def main() -> int:
         for precision, r in results.items():
             print(f"{precision:<10}{r['ours_tokens_per_s']:>12,.0f}{r['baseline_tokens_per_s']:>16,.0f}"
                   f"{r['ours_over_baseline']:>11.3f}{r['ours_over_baseline_paired_median']:>8.3f}")
+    if args.expert_choice:
+        print(f"\n{'precision':<10}{'ours tok/s':>12}{'EC tok/s':>12}{'EC/ours':>9}{'paired':>8}{'EC MFU':>9}"
+              "   EC: expert-choice routing, the same model")
+        for precision, r in results.items():
+            print(f"{precision:<10}{r['ours_tokens_per_s']:>12,.0f}{r['ours_ec_tokens_per_s']:>12,.0f}"
+                  f"{r['ec_over_ours']:>9.3f}{r['ec_over_ours_paired_median']:>8.3f}{100 * r['ec_mfu']:>8.1f}%")
     any_run = next(iter(results.values()))
     print(f"ours: {any_run['ours_impl']}; HF: {any_run['hf_impl']}; threads {any_run['threads']}; "
           f"{any_run['flops_per_token'] / 1e6:.1f} MFLOP/token")

@@ -46,8 +46,28 @@ class RunConfig(Config):
             # Megatron's rule is checked where TE is resolved (model/megatron_config.py).
             if "moe_act" in selective_recompute_modules(self.model, use_te=True):
                 check_fp8_moe_act_recompute(fp8_recipe=self.precision.fp8_recipe, te_version=None)
+        if self.model.router_type == "expert_choice":
+            self._validate_expert_choice()
         # The layout's rules that need only the model (the world size comes later): parallel/layout.py.
         self.parallel.validate(self.model)
+
+    def _validate_expert_choice(self) -> None:
+        model = self.model
+        capacity = model.expert_capacity(self.train.seq_length)
+        if capacity < 1:
+            need = -(-model.num_experts // model.top_k)  # ceil(E / k): the shortest sequence with C >= 1 at factor 1
+            raise ConfigError(
+                f"model.router_type='expert_choice' gives each expert floor(model.expert_capacity_factor="
+                f"{model.expert_capacity_factor} * model.top_k={model.top_k} * train.seq_length={self.train.seq_length}"
+                f" / model.num_experts={model.num_experts}) = {capacity} tokens per sequence; it must be >= 1: "
+                f"raise train.seq_length (>= {need} at factor 1) or model.expert_capacity_factor"
+            )
+        if self.parallel.cp > 1:
+            raise ConfigError(
+                f"parallel.context_parallel={self.parallel.cp} splits each sequence, over which "
+                "model.router_type='expert_choice' chooses (model/expert_choice.py gathers only over tensor "
+                "parallelism): use parallel.context_parallel=1"
+            )
 
     def num_microbatches(self, world_size: int) -> int:
         dp = self.parallel.data_parallel_size(world_size)

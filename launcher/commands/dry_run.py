@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     total, active = model.num_params(), model.num_params(active=True)
     print(f"recipe/run          {run_config.name}")
     print(f"parameters          {total / 1e9:.3f}B total, {active / 1e9:.3f}B active per token")
+    print(f"  exact             {total:,} total, {active:,} active per token")
     print(f"model FLOPs/token   {model.flops_per_token(run_config.train.seq_length) / 1e9:.2f} GFLOP "
           f"(seq {run_config.train.seq_length})")
     print(f"world size          {world}")

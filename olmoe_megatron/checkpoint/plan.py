@@ -2,7 +2,9 @@
 
     checkpoint.init_from set (a new run from trained weights, e.g. OLMoE's anneal):
         dir has a `latest` of its own -> resume it with all its state (a restart of this run)
-        otherwise                     -> init_from's weights only: fresh optimizer, schedule, data
+        otherwise                     -> init_from's weights (and its optimizer state with
+                                         init_optimizer, OLMoE's anneal): step, tokens, schedule
+                                         and data order from 0
     checkpoint.load='latest'          -> resume dir's latest if there is one, else start fresh
     checkpoint.load=PATH              -> PATH (a root follows its `latest`), with its optimizer and
                                          progress unless load_optimizer=false; reset_data_position
@@ -35,6 +37,9 @@ class LoadPlan:
     """After restoring progress, start the data order from its beginning."""
     reason: str
     """One line for the log: what is loaded and why."""
+    restore_progress: bool = True
+    """With load_optimizer: also restore the saved progress (step, tokens, data position) and RNG;
+    False (init_from with init_optimizer): the optimizer state alone, the run starts at step 0."""
 
 
 def plan_load(checkpoint: CheckpointConfig) -> LoadPlan:
@@ -50,6 +55,10 @@ def plan_load(checkpoint: CheckpointConfig) -> LoadPlan:
             return LoadPlan(path=own, load_optimizer=True, reset_data_position=False,
                             reason=f"resuming this run from {own} (it has saved: checkpoint.init_from is not used)")
         path = _resolve(checkpoint.init_from, field="checkpoint.init_from")
+        if checkpoint.init_optimizer:
+            return LoadPlan(path=path, load_optimizer=True, reset_data_position=False, restore_progress=False,
+                            reason=f"new run from the weights and optimizer state of {path} (AdamW moments kept; "
+                                   "step, tokens, schedule and data order from 0)")
         return LoadPlan(path=path, load_optimizer=False, reset_data_position=False,
                         reason=f"new run from the weights of {path} (fresh optimizer, schedule and data order)")
     if checkpoint.load is None:

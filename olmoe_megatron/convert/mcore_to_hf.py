@@ -21,10 +21,30 @@ from olmoe_megatron.convert import mcore_io
 from olmoe_megatron.convert.errors import ConversionError, atomic_output_dir
 from olmoe_megatron.convert.safetensors_io import HFShardWriter, copy_tokenizer_files
 from olmoe_megatron.model import hf_mapping
+from olmoe_megatron.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 _HF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+#: ModelConfig fields whose other values HF's OlmoeForCausalLM cannot hold: RMSNorms only, QK-norms
+#: always, softmax routing without an expert bias.
+_HF_ONLY_VALUES = (("norm_type", "rmsnorm"), ("qk_norm", True), ("router_score_function", "softmax"),
+                   ("router_expert_bias", False), ("router_type", "token_choice"))
+
+
+def check_hf_representable(model: ModelConfig, *, source: str) -> None:
+    """Raises ConversionError naming the first field of `model` (from `source`) HF OLMoE cannot hold."""
+    if not model.is_moe:
+        raise ConversionError(f"{source} holds a dense model (num_experts=0); HF OLMoE needs experts "
+                              "(run `olmoe convert upcycle` first)")
+    if model.num_shared_experts:
+        raise ConversionError(f"{source}: num_shared_experts={model.num_shared_experts} has no HF OLMoE equivalent")
+    for name, hf_value in _HF_ONLY_VALUES:
+        if getattr(model, name) != hf_value:
+            raise ConversionError(f"{source}: model.{name}={getattr(model, name)!r} has no HF OLMoE equivalent "
+                                  f"(HF OLMoE: {hf_value!r}); keep the Megatron checkpoint for this ablation")
 
 
 def mcore_to_hf(
@@ -50,11 +70,7 @@ def mcore_to_hf(
     """
     directory = mcore_io.resolve_checkpoint(ckpt)
     model = mcore_io.read_model_config(directory, override=model_config)
-    if not model.is_moe:
-        raise ConversionError(f"{directory} holds a dense model (num_experts=0); HF OLMoE needs experts "
-                              "(run `olmoe convert upcycle` first)")
-    if model.num_shared_experts:
-        raise ConversionError(f"{directory}: num_shared_experts={model.num_shared_experts} has no HF OLMoE equivalent")
+    check_hf_representable(model, source=str(directory))
     dtype = mcore_io.checkpoint_dtype(directory)
     rows = model.padded_vocab_size if vocab_rows == "padded" else model.vocab_size
     chunk = mcore_io.build_empty_model(model, dtype=dtype)

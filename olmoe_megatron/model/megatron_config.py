@@ -28,9 +28,16 @@ from olmoe_megatron.parallel.context import backend_uses_cuda
 from olmoe_megatron.parallel.layout import ParallelLayout
 
 
-def truncated_normal_init(std: float, cutoff_stds: float):
-    """OLMoE's init: N(0, std) truncated at +-cutoff_stds*std (0.02 cut at +-0.06)."""
+def truncated_normal_init(std: float, cutoff_stds: float | None):
+    """OLMoE's init: N(0, std) truncated at +-cutoff_stds*std (0.02 cut at +-0.06); cutoff_stds None:
+    the plain N(0, std) of the paper's init ablation (ModelConfig.init_cutoff_stds)."""
+    if cutoff_stds is None:
+        return functools.partial(torch.nn.init.normal_, mean=0.0, std=std)
     return functools.partial(torch.nn.init.trunc_normal_, mean=0.0, std=std, a=-cutoff_stds * std, b=cutoff_stds * std)
+
+
+#: ModelConfig.router_load_balancing -> Megatron's moe_router_load_balancing_type.
+LOAD_BALANCING_TYPES = {"micro_batch": "aux_loss", "global_batch": "global_aux_loss"}
 
 
 #: The TE versions Megatron-Core 0.16.1 checks for each fusion: the fused permutation
@@ -117,15 +124,28 @@ def to_transformer_config(
             num_moe_experts=model.num_experts,
             moe_router_topk=model.top_k,
             moe_ffn_hidden_size=model.expert_ffn_hidden_size,
-            # OLMoE: softmax over all experts in fp32, then top-k, weights NOT renormalised.
-            moe_router_score_function="softmax",
+            # OLMoE: softmax over all experts in fp32, then top-k, weights NOT renormalised ('sigmoid',
+            # beyond the paper, renormalises the k weights: Megatron's sigmoid routing).
+            moe_router_score_function=model.router_score_function,
             moe_router_pre_softmax=True,
             moe_router_dtype="fp32",
             moe_router_topk_scaling_factor=None,
-            moe_router_load_balancing_type="aux_loss" if model.router_aux_loss_coeff > 0 else "none",
+            moe_router_load_balancing_type=(
+                LOAD_BALANCING_TYPES[model.router_load_balancing] if model.router_aux_loss_coeff > 0 else "none"
+            ),
+            # Aux-loss-free balancing: finalize_model_grads (our step's grad finalisation) moves the bias.
+            moe_router_enable_expert_bias=model.router_expert_bias,
+            moe_router_bias_update_rate=model.router_bias_update_rate,
             moe_aux_loss_coeff=model.megatron_aux_loss_coeff,
             moe_z_loss_coeff=model.megatron_z_loss_coeff if model.router_z_loss_coeff > 0 else None,
             moe_token_dispatcher_type=model.token_dispatcher,
+            # Expert choice (model/expert_choice.py): our router reads the factor from here, and
+            # with it set Megatron's all-to-all dispatcher sizes its permutation from the routing
+            # map (a token gets 0..E experts) instead of tokens * top_k. Megatron's own token
+            # dropping, in TopKRouter.routing, is never reached: ExpertChoiceRouter replaces it.
+            moe_expert_capacity_factor=(
+                model.expert_capacity_factor if model.router_type == "expert_choice" else None
+            ),
             moe_grouped_gemm=use_te and model.expert_impl == "grouped",
             moe_shared_expert_intermediate_size=(
                 model.num_shared_experts * model.expert_ffn_hidden_size if model.num_shared_experts else None
@@ -139,7 +159,7 @@ def to_transformer_config(
         num_query_groups=model.kv_heads,
         kv_channels=model.kv_channels,
         ffn_hidden_size=model.expert_ffn_hidden_size if model.is_moe else model.dense_ffn_hidden_size,
-        normalization="RMSNorm",
+        normalization="RMSNorm" if model.norm_type == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=model.norm_eps,
         # Our spec builds OLMoE's full-width QK-norm itself (model.qk_norm). Megatron's flag means
         # per-head norms replicated over TP, and finalize_model_grads would then all-reduce the

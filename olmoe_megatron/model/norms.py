@@ -1,4 +1,4 @@
-"""RMSNorm modules for the OLMoE spec.
+"""RMSNorm (and, for the paper's norm ablation, LayerNorm) modules for the OLMoE spec.
 
 `RMSNorm` computes in fp32 and casts back before the weight multiply, as OLMoE (and HF's
 OlmoeRMSNorm) do; its weight carries `sequence_parallel` so that Megatron all-reduces its
@@ -16,6 +16,11 @@ over the fp32 graph keeps an fp32 copy of the input (QK-norm: two, one per fp32 
 normalised bf16 tensor: 6 bytes an element (QK-norm 10) against 2 (tests/model/test_norms.py counts
 them). CPU runs keep their paths (the C kernel in bf16; fp32 is the reference whose bits the golden
 losses pin).
+
+`LayerNorm` and `FullWidthQKNorm(norm_type="layernorm")` are ModelConfig.norm_type='layernorm': OLMo's
+LayerNorm as OLMoE's configs set it (a learnable scale, no bias), computed in fp32 and cast back
+before the scale like RMSNorm; the QK variant removes the mean and variance of the full width (under
+TP both sums are all-reduced). They have no fused kernels: an ablation, not a production path.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -97,8 +103,9 @@ def rms_normalize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, mean_squ
     return weight * (x32 * torch.rsqrt(mean_square + eps)).to(x.dtype)
 
 
-class RMSNorm(torch.nn.Module):
-    """RMSNorm with a learnable scale; works with and without sequence parallelism."""
+class _ScaledNorm(torch.nn.Module):
+    """A norm over the last dimension with a learnable scale (ones) and no bias; with and without
+    sequence parallelism (the weight is marked for Megatron's SP gradient all-reduce)."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -106,8 +113,37 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
+
+class RMSNorm(_ScaledNorm):
+    """RMSNorm with a learnable scale; works with and without sequence parallelism."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_normalize(x, self.weight, self.eps)
+
+
+def layer_normalize(x: torch.Tensor, weight: torch.Tensor, eps: float, *, group=None, width: int | None = None) -> torch.Tensor:
+    """`weight * ((x - mean) / sqrt(var + eps))` over the last dimension, in fp32, cast back before the
+    weight; with `group`, x is a slice of a row of global width `width` split over that group."""
+    x32 = x.float()
+    if group is None:
+        return weight * F.layer_norm(x32, (x.shape[-1],), None, None, eps).to(x.dtype)
+    mean = _AllReduceBothWays.apply(x32.sum(-1, keepdim=True), group) / width
+    centered = x32 - mean
+    variance = _AllReduceBothWays.apply(centered.pow(2).sum(-1, keepdim=True), group) / width
+    return weight * (centered * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+class LayerNorm(_ScaledNorm):
+    """LayerNorm with a learnable scale and no bias (OLMo's, as OLMoE's configs set it); `RMSNorm`'s
+    interface, with and without sequence parallelism."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_normalize(x, self.weight, self.eps)
+
+
+def block_norm(norm_type: Literal["rmsnorm", "layernorm"]) -> type[torch.nn.Module]:
+    """The module of the block and final norms for ModelConfig.norm_type."""
+    return RMSNorm if norm_type == "rmsnorm" else LayerNorm
 
 
 class _AllReduceBothWays(torch.autograd.Function):
@@ -132,7 +168,10 @@ class _AllReduceBothWays(torch.autograd.Function):
 
 
 class FullWidthQKNorm(torch.nn.Module):
-    """OLMoE's QK-norm over the full projection width; input and output `[s, b, heads, head_dim]`."""
+    """OLMoE's QK-norm over the full projection width; input and output `[s, b, heads, head_dim]`.
+
+    norm_type 'rmsnorm' (OLMoE) or 'layernorm' (the norm ablation: `layer_normalize` of the full width).
+    """
 
     def __init__(
         self,
@@ -141,8 +180,10 @@ class FullWidthQKNorm(torch.nn.Module):
         eps: float = 1e-5,
         *,
         projection: Literal["query", "key"],
+        norm_type: Literal["rmsnorm", "layernorm"] = "rmsnorm",
     ):
         super().__init__()
+        self.norm_type = norm_type
         tp = config.tensor_model_parallel_size
         heads = config.num_attention_heads if projection == "query" else config.num_query_groups
         self.eps = eps
@@ -157,6 +198,10 @@ class FullWidthQKNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, heads, head_dim = x.shape
         flat = x.reshape(s, b, heads * head_dim)
+        if self.norm_type == "layernorm":
+            group = parallel_state.get_tensor_model_parallel_group() if self.tp_size > 1 else None
+            return layer_normalize(flat, self.weight, self.eps, group=group, width=self.full_width).view(
+                s, b, heads, head_dim)
         if self.tp_size == 1 and kernels_apply(flat, self.weight):
             return rms_norm_bf16(flat, self.weight, self.eps).view(s, b, heads, head_dim)
         if lean_norm_applies(flat):

@@ -1,7 +1,9 @@
 """Megatron-Core ModuleSpecs for OLMoE layers: a local spec (CPU and GPU) and a TE spec (GPU).
 
 Both specs give the same checkpoint keys: the local spec maps its separate norms onto the keys of
-TE's fused layer-norm linears, as Megatron's own local spec does. The local spec names Megatron's
+TE's fused layer-norm linears, as Megatron's own local spec does. With model.norm_type='layernorm'
+(the paper's norm ablation) the TE spec keeps our norm modules too, ahead of TE's plain linears:
+TE's LayerNorm always has a bias, OLMo's has none. The local spec names Megatron's
 modules directly (not through `megatron.core.models.backends`, whose import warns that apex is
 missing although no apex module is used here). The MoE layer is `OlmoeMoELayer` with OLMoE's router
 in `MoESubmodules.router`; it gets its process groups through the spec (see `_moe_spec`).
@@ -26,15 +28,21 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.model.attention import DispatchingCoreAttention
+from olmoe_megatron.model.expert_choice import ExpertChoiceRouter
 from olmoe_megatron.model.experts import PaddedOrStackedSwiGLUExperts
 from olmoe_megatron.model.moe_layer import OlmoeMoELayer, OlmoeTopKRouter
-from olmoe_megatron.model.norms import FullWidthQKNorm, RMSNorm
+from olmoe_megatron.model.norms import FullWidthQKNorm, block_norm
 
 
 def _qk_norm(model: ModelConfig, projection: str):
     if not model.qk_norm:
         return IdentityOp
-    return ModuleSpec(module=FullWidthQKNorm, params={"projection": projection})
+    return ModuleSpec(module=FullWidthQKNorm, params={"projection": projection, "norm_type": model.norm_type})
+
+
+def _te_fuses_norms(model: ModelConfig, *, use_te: bool) -> bool:
+    """TE's norm modules (fused into the next linear where they can be) serve RMSNorm only (module doc)."""
+    return use_te and model.norm_type == "rmsnorm"
 
 
 def _local_mlp_submodules() -> MLPSubmodules:
@@ -45,21 +53,23 @@ def _moe_spec(model: ModelConfig, *, use_te: bool, pg_collection) -> ModuleSpec:
     """OLMoE's MoE layer: our router and experts in Megatron's MoESubmodules.
 
     Megatron's TransformerLayer passes process groups only to MoE layers whose class is exactly
-    MoELayer; OlmoeMoELayer (a subclass) gets them here, as a spec parameter.
+    MoELayer; OlmoeMoELayer (a subclass) gets them here, as a spec parameter. The router is OLMoE's
+    token choice or, with model.router_type='expert_choice', `ExpertChoiceRouter`.
     """
+    router = ExpertChoiceRouter if model.router_type == "expert_choice" else OlmoeTopKRouter
     if use_te:
         from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 
         submodules = get_moe_module_spec_for_backend(
             backend=te_backend(), num_experts=model.num_experts, moe_grouped_gemm=model.expert_impl == "grouped",
         ).submodules
-        submodules.router = OlmoeTopKRouter
+        submodules.router = router
     else:
         experts = SequentialMLP if model.expert_impl == "sequential" else PaddedOrStackedSwiGLUExperts
         submodules = MoESubmodules(
             experts=ModuleSpec(module=experts, submodules=_local_mlp_submodules()),
             shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_local_mlp_submodules()),
-            router=OlmoeTopKRouter,
+            router=router,
         )
     return ModuleSpec(
         module=OlmoeMoELayer,
@@ -72,10 +82,14 @@ def _moe_spec(model: ModelConfig, *, use_te: bool, pg_collection) -> ModuleSpec:
 def _mlp_spec(model: ModelConfig, backend, *, use_te: bool, pg_collection) -> ModuleSpec:
     if model.is_moe:
         return _moe_spec(model, use_te=use_te, pg_collection=pg_collection)
+    if _te_fuses_norms(model, use_te=use_te):
+        fc1 = backend.column_parallel_layer_norm_linear()
+    else:
+        fc1 = backend.column_parallel_linear() if use_te else ColumnParallelLinear
     return ModuleSpec(
         module=MLP,
         submodules=MLPSubmodules(
-            linear_fc1=backend.column_parallel_layer_norm_linear() if use_te else ColumnParallelLinear,
+            linear_fc1=fc1,
             linear_fc2=backend.row_parallel_linear() if use_te else RowParallelLinear,
         ),
     )
@@ -91,16 +105,22 @@ def layer_spec(model: ModelConfig, *, use_te: bool = False, pg_collection=None) 
             layer; None: Megatron's global groups.
     """
     te = te_backend() if use_te else None
-    dense_fused_norm = use_te and not model.is_moe  # TE fuses the pre-MLP norm into fc1 for dense MLPs
+    norm = block_norm(model.norm_type)
+    fused = _te_fuses_norms(model, use_te=use_te)
+    dense_fused_norm = fused and not model.is_moe  # TE fuses the pre-MLP norm into fc1 for dense MLPs
+    if fused:
+        linear_qkv = te.column_parallel_layer_norm_linear()
+    else:
+        linear_qkv = te.column_parallel_linear() if use_te else ColumnParallelLinear
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp if use_te else RMSNorm,
+            input_layernorm=IdentityOp if fused else norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=te.column_parallel_layer_norm_linear() if use_te else ColumnParallelLinear,
+                    linear_qkv=linear_qkv,
                     core_attention=te.core_attention() if use_te else DispatchingCoreAttention,
                     linear_proj=te.row_parallel_linear() if use_te else RowParallelLinear,
                     q_layernorm=_qk_norm(model, "query"),
@@ -108,12 +128,12 @@ def layer_spec(model: ModelConfig, *, use_te: bool = False, pg_collection=None) 
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp if dense_fused_norm else (te.layer_norm() if use_te else RMSNorm),
+            pre_mlp_layernorm=IdentityOp if dense_fused_norm else (te.layer_norm() if fused else norm),
             mlp=_mlp_spec(model, te, use_te=use_te, pg_collection=pg_collection),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=(
                 {}
-                if use_te
+                if fused
                 else {
                     "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                     **({} if model.is_moe else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}),
@@ -124,8 +144,8 @@ def layer_spec(model: ModelConfig, *, use_te: bool = False, pg_collection=None) 
 
 
 def block_spec(model: ModelConfig, *, num_layers: int, use_te: bool = False, pg_collection=None) -> TransformerBlockSubmodules:
-    """`num_layers` OLMoE layers plus the final RMSNorm (this rank's pipeline chunk)."""
-    final_norm = te_backend().layer_norm() if use_te else RMSNorm
+    """`num_layers` OLMoE layers plus the final norm (this rank's pipeline chunk)."""
+    final_norm = te_backend().layer_norm() if _te_fuses_norms(model, use_te=use_te) else block_norm(model.norm_type)
     layer = layer_spec(model, use_te=use_te, pg_collection=pg_collection)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
 

@@ -58,3 +58,36 @@ def local_checkpoint_into_model_with_extra_state(directory: str) -> dict:
     except CheckpointFormatError as exc:
         missing_error = str(exc)
     return {"weights_equal": weights_equal, "extra_state_kept": extra_kept, "missing_error": missing_error}
+
+
+def optimizer_state_at_start(run_dict: dict) -> dict:
+    """What a run starts from (`trainer.start_training_state`, as the trainer builds and loads it):
+    its progress, and its optimizer's per-parameter state (Adam moments and step) and options in
+    parameter order."""
+    import dataclasses
+
+    from olmoe_megatron.parallel.context import initialize
+    from olmoe_megatron.run_config import RunConfig
+    from olmoe_megatron.training.trainer import start_training_state
+
+    run = RunConfig.from_dict(run_dict)
+    context = initialize(run.parallel, run.model, seed=run.train.seed, timeout_minutes=run.train.collective_timeout_minutes)
+    state = start_training_state(run, context)
+    per_param, options = [], []
+    for sub in getattr(state.optimizer, "chained_optimizers", [state.optimizer]):
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            options.append({k: v for k, v in group.items() if k in ("betas", "eps", "weight_decay")})
+            for param in group["params"]:
+                per_param.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in inner.state.get(param, {}).items()})
+    return {"progress": dataclasses.asdict(state.progress), "state": per_param, "options": options}
+
+
+def save_weights_only(checkpoint: str, directory: str) -> None:
+    """Writes the model weights of olmoe_tiny's training `checkpoint` alone (as a conversion writes
+    them) to `directory`."""
+    from olmoe_megatron.checkpoint.weights import load_model, save_model
+
+    chunks = _tiny_model()
+    load_model(chunks, checkpoint)
+    save_model(chunks, directory)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def compare_adamw_step(dtype_name: str, *, steps: int = 2) -> dict:
+def compare_adamw_step(dtype_name: str, *, steps: int = 2, decay_norms_and_embeddings: bool = True) -> dict:
     """Trains olmoe_tiny (shrunk) `steps` steps; before the last, snapshots the fp32 master weights,
     then replays that update with torch.optim.AdamW's for-loop implementation (OLMoE's
-    hyper-parameters, decay on every parameter) on the same clipped gradients."""
+    hyper-parameters, each parameter group's weight decay: every parameter's unless
+    `decay_norms_and_embeddings` is off) on the same clipped gradients."""
     from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
     from olmoe_megatron.model.precision import PrecisionConfig
     from olmoe_megatron.parallel.context import initialize
@@ -20,7 +21,8 @@ def compare_adamw_step(dtype_name: str, *, steps: int = 2) -> dict:
 
     run = get_recipe("olmoe_tiny")
     model = run.model.replace(vocab_size=512, padded_vocab_size=512)
-    train = run.train.replace(seq_length=32, global_batch_size=4, micro_batch_size=4)
+    train = run.train.replace(seq_length=32, global_batch_size=4, micro_batch_size=4,
+                              decay_norms_and_embeddings=decay_norms_and_embeddings)
     precision = PrecisionConfig(dtype=dtype_name, spec="local")
     context = initialize(ParallelLayout(), model, seed=0, backend="gloo")
     config, _ = build_transformer_config(model, context, precision=precision)
@@ -48,8 +50,11 @@ def compare_adamw_step(dtype_name: str, *, steps: int = 2) -> dict:
     replay = [b.clone().requires_grad_() for b in before]
     for r, p in zip(replay, params):
         r.grad = p.grad.detach().clone() * clip
-    reference = torch.optim.AdamW(replay, lr=lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
-                                  weight_decay=train.weight_decay, foreach=False, fused=False)
+    replay_of = {id(p): r for p, r in zip(params, replay)}
+    reference_groups = [{"params": [replay_of[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+                        for g in inner.param_groups]
+    reference = torch.optim.AdamW(reference_groups, lr=lr, betas=(train.adam_beta1, train.adam_beta2),
+                                  eps=train.adam_eps, weight_decay=train.weight_decay, foreach=False, fused=False)
     for r, s in zip(replay, state):
         if s:
             reference.state[r] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
@@ -67,6 +72,7 @@ def compare_adamw_step(dtype_name: str, *, steps: int = 2) -> dict:
         "model_copy_exact": model_copy_exact,
         "fused": sorted({bool(g.get("fused")) for g in inner.param_groups}),
         "decay": sorted({g["weight_decay"] for g in inner.param_groups}),
+        "no_decay_dims": sorted({p.dim() for g in inner.param_groups if g["weight_decay"] == 0 for p in g["params"]}),
         "num_params": len(params),
         "max_diff": max(diffs),
         "min_moved": min(moved),

@@ -260,16 +260,24 @@ def _check_dp_reshardable(path: Path, saved: dict | None, layout) -> None:
 
 def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer: bool,
                     dp_group: dist.ProcessGroup | None = None, fully_parallel: bool = True,
-                    layout=None) -> Progress:
+                    layout=None, restore_progress: bool = True) -> Progress:
     """Loads `path` into models (and the optimizer); returns the saved progress.
 
     A model-only checkpoint (a conversion, or load_optimizer=False) restores weights only and
     returns Progress() so training starts at step 0 from these weights. The optimizer state is read
     in the format the checkpoint says it holds; with `fully_parallel` and `dp_group`, each
     data-parallel rank reads a part of the replicated tensors and the parts are exchanged.
+    `restore_progress=False` (a new run that keeps the optimizer state: OLMoE's anneal) loads the
+    weights and the optimizer state and returns Progress(), the RNG states not restored; the
+    checkpoint must then hold optimizer state.
     """
     path = Path(path)
     with_optimizer = load_optimizer and has_optimizer_state(path)
+    if load_optimizer and not restore_progress and not with_optimizer:
+        raise ConfigError(
+            f"checkpoint.init_optimizer=true needs the optimizer state of checkpoint.init_from={str(path)!r}, "
+            "which holds model weights only (a conversion or a weights-only save); give a training "
+            "checkpoint, or set --checkpoint.init_optimizer=false for a fresh optimizer")
     optimizer_format = "fully_reshardable"
     if with_optimizer:
         from megatron.core.dist_checkpointing import load_common_state_dict
@@ -301,10 +309,21 @@ def load_checkpoint(path: str | Path, *, models: list, optimizer, load_optimizer
         optimizer.reload_model_params()
         logger.info("loaded model weights from %s (optimizer state not loaded)", path)
         return Progress()
+    # torch's load_state_dict takes each param group's options (lr, betas, eps, weight decay) from the
+    # checkpoint: a resume keeps the saving run's, a new run (restore_progress=False) keeps its own.
+    own_options = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    if not restore_progress:
+        for group, options in zip(optimizer.param_groups, own_options):
+            group.update(options)
     use_fused_adamw(optimizer)  # the loaded param groups carry the saving run's options
     common = dist_checkpointing.load_common_state_dict(str(path))
-    progress = Progress(**common["progress"])
+    saved = Progress(**common["progress"])
+    if not restore_progress:
+        logger.info("loaded weights and optimizer state from %s (saved at step %d, %d tokens); this run starts "
+                    "at step 0", path, saved.step, saved.tokens)
+        return Progress()
+    progress = saved
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if common.get("world_size") != dist.get_world_size():
         logger.warning("world size changed (%s -> %s): RNG states not restored", common.get("world_size"),

@@ -22,8 +22,10 @@ class TrainConfig(Config):
     """Sequences per forward/backward on one rank."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: run to max_tokens)."""
-    max_tokens: int | None = 5_033_164_800_000
-    """Stop once this many tokens have been trained on (None: run to max_steps)."""
+    max_tokens: int | None = 5_117_050_880_000
+    """Stop once this many tokens have been trained on (None: run to max_steps). OLMoE-1B-7B's
+    pretraining: 1,220,000 steps of 4,194,304 tokens (its pre-anneal checkpoint is
+    step1220000-tokens5117B), before the 100B-token anneal."""
     lr: float = 4e-4
     """Peak learning rate."""
     schedule: Literal["olmoe", "anneal", "constant"] = "olmoe"
@@ -46,7 +48,21 @@ class TrainConfig(Config):
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     weight_decay: float = 0.1
-    """Decoupled weight decay, applied to EVERY parameter (norms and embeddings included)."""
+    """Decoupled weight decay, applied to EVERY parameter (norms and embeddings included) unless
+    decay_norms_and_embeddings is off."""
+    decay_norms_and_embeddings: bool = True
+    """Decay the norm weights (every 1-D parameter: block, final and QK norms; biases, had we any) and
+    the input embedding too (OLMoE: `decay_norm_and_bias: true`, `decay_embeddings: true`). False:
+    they get weight decay 0 (OLMo's defaults for both flags, the paper's ablation); the output layer
+    is a linear map and still decays, as in OLMo."""
+    loss_normalization: Literal["all_tokens", "unmasked_tokens"] = "all_tokens"
+    """What the summed cross-entropy of a micro-batch is divided by. 'all_tokens': every token of
+    the micro-batch, masked ones included (OLMo's train.py divides by the rank's batch size in tokens;
+    with equal micro-batches that is this mean of the micro-batches' losses); an instance masked by
+    the repetition filter then lowers the loss and the weight of the rest, and in OLMo's order (whose
+    window's last token has no label) the loss is (S-1)/S of the per-label mean, as OLMo reports it.
+    'unmasked_tokens': the tokens whose labels count (Megatron-LM's masked mean). The two agree when
+    nothing is masked; validation losses are always per label."""
     clip_grad: float = 1.0
     """Global gradient-norm clip."""
     use_distributed_optimizer: bool = True
@@ -132,10 +148,17 @@ class CheckpointConfig(Config):
     load: str | None = "latest"
     """'latest' (resume from dir/latest if present), a checkpoint path, or None."""
     init_from: str | None = None
-    """Start a NEW run from this checkpoint's weights (anneal, fine-tune): fresh optimizer, schedule
-    from token 0, data from the start of its order. Used only while `dir` holds no checkpoint of its
-    own; once the run has saved, a restart resumes from `dir`'s latest (all state), as a requeued
-    Slurm job must. Like Megatron-LM's --pretrained-checkpoint."""
+    """Start a NEW run from this checkpoint's weights (anneal, fine-tune): schedule from token 0,
+    step 0, data from the start of its order, a fresh optimizer unless init_optimizer. Used only
+    while `dir` holds no checkpoint of its own; once the run has saved, a restart resumes from
+    `dir`'s latest (all state), as a requeued Slurm job must. Like Megatron-LM's
+    --pretrained-checkpoint."""
+    init_optimizer: bool = False
+    """With init_from: also take init_from's optimizer state (AdamW moments, their step counts and
+    the fp32 master weights), while the trainer state still starts over (step, tokens and data
+    position 0, RNG not restored). OLMoE's anneal did this (reset_trainer_state: true,
+    reset_optimizer_state: false). init_from must then be a training checkpoint (with optimizer
+    state), and one saved as 'dp_reshardable' only loads into its own model-parallel layout."""
     load_optimizer: bool = True
     """Load optimizer state and scheduler position (False: a new run from these weights, e.g. anneal)."""
     reset_data_position: bool = False
@@ -172,6 +195,11 @@ class CheckpointConfig(Config):
                 f"checkpoint.init_from={self.init_from!r} and checkpoint.load={self.load!r} both name a checkpoint: "
                 "init_from starts a new run from weights, load resumes one; keep one of them"
             )
+        if self.init_optimizer and self.init_from is None:
+            raise ConfigError(
+                "checkpoint.init_optimizer=true takes the optimizer state of checkpoint.init_from, which is not set; "
+                "set --checkpoint.init_from=PRETRAINED_CHECKPOINT or drop init_optimizer (checkpoint.load resumes "
+                "a run with all its state)")
         if self.init_from is not None and self.dir is None:
             raise ConfigError(
                 f"checkpoint.init_from={self.init_from!r} needs checkpoint.dir: without its own directory "
@@ -188,7 +216,8 @@ class MetricsConfig(Config):
     tensorboard_dir: str | None = None
     """TensorBoard event directory (None: off)."""
     expert_load: bool = True
-    """Per-layer expert load statistics every step (busiest share, min/max tokens per expert)."""
+    """Per-layer expert load statistics every step (busiest share, min/max tokens per expert; with
+    model.router_expert_bias also the min/max of each layer's expert bias)."""
     peak_flops: float | None = None
     """Hardware peak FLOP/s for MFU (None: measured matmul rate on CPU, datasheet bf16 on GPU)."""
 

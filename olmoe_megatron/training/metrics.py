@@ -267,9 +267,12 @@ def format_line(r: dict) -> str:
     fp8 = ""
     if r.get("mfu_peak") == "fp8":
         fp8 = f" of fp8 peak ({100 * r['mfu_bf16']:.1f}% of bf16)" if r.get("mfu_bf16") else " of fp8 peak"
+    bias = ""
+    if load.get("expert_bias_min"):  # aux-loss-free balancing: the bias range over all layers
+        bias = f" | expert bias {min(load['expert_bias_min']):+.4f}..{max(load['expert_bias_max']):+.4f}"
     return (
         f"step {r['step']:>6} | loss {r['lm_loss']:.4f} | lb {r['lb_loss']:.4f} | z {r['z_loss']:.5f} | "
         f"gnorm {r['grad_norm']:.3f} | lr {r['lr']:.2e} | tok {r['tokens']:,} | "
         f"{r['tokens_per_s']:,.0f} tok/s | {r['model_tflops']:.3f} TFLOP/s | MFU {100 * r['mfu']:.1f}%{fp8} | "
-        f"busiest expert {100 * busiest:.0f}%"
+        f"busiest expert {100 * busiest:.0f}%{bias}"
     )

@@ -3,7 +3,9 @@
 Megatron's routers record, per layer and micro-batch, the unweighted Switch loss and the mean
 squared router logsumexp in a tracker; we reduce those ourselves (gloo has no AVG reduce) and
 report them in OLMoE's normalisation: LB = w * mean over layers, z = w_z * mean over layers / k.
-Expert load is counted by forward hooks on the routers (tokens routed to each expert).
+Expert load is counted by forward hooks on the routers (tokens routed to each expert); with
+aux-loss-free balancing (ModelConfig.router_expert_bias) the records also give the range of each
+layer's expert bias after the step's update.
 
 Every tensor handed to a collective lives on `context.device`: an NCCL group has no CPU backend.
 Counts stay on the model's device during the step; each reduction ends in one copy to the host.
@@ -20,6 +22,7 @@ from olmoe_megatron.model.config import ModelConfig
 from olmoe_megatron.parallel.context import ParallelContext
 
 _LB = "load_balancing_loss"
+_GLOBAL_LB = "global_load_balancing_loss"
 _Z = "z_loss"
 
 
@@ -42,16 +45,20 @@ def reduce_router_losses(model: ModelConfig, context: ParallelContext, *, num_mi
     tracker = _tracker()
     groups = context.groups
     values = torch.zeros(2, model.num_layers, dtype=torch.float64, device=context.device)
-    if _LB in tracker:
-        values[0] = tracker[_LB]["values"].double()
+    global_batch = model.router_load_balancing == "global_batch"
+    lb_key = _GLOBAL_LB if global_batch else _LB
+    if lb_key in tracker:
+        values[0] = tracker[lb_key]["values"].double()
     if _Z in tracker:
         values[1] = tracker[_Z]["values"].double()
     dist.all_reduce(values, group=groups.pp)
-    # LB: each TP/CP rank holds its tokens' share of sum(P * f): sum them; average over DP.
+    # LB: each TP/CP rank holds its tokens' share of sum(P * f): sum them; average over DP. The
+    # global-batch loss divides by the tokens of all DP ranks already: its DP shares are summed.
     lb = values[0].clone()
     dist.all_reduce(lb, group=groups.tp_cp)
     dist.all_reduce(lb, group=groups.dp)
-    lb /= dist.get_world_size(groups.dp)
+    if not global_batch:
+        lb /= dist.get_world_size(groups.dp)
     # z: a per-rank mean over that rank's tokens: average over TP/CP and DP.
     z = values[1].clone()
     dist.all_reduce(z, group=groups.tp_cp)
@@ -79,6 +86,7 @@ class ExpertLoadCounter:
     def __post_init__(self):
         self.counts_LE: torch.Tensor | None = None
         self._handles = []
+        self._biased_routers = []
 
     def attach(self, model_chunks) -> "ExpertLoadCounter":
         from megatron.core.transformer.moe.router import TopKRouter
@@ -87,6 +95,8 @@ class ExpertLoadCounter:
             for module in chunk.modules():
                 if isinstance(module, TopKRouter):
                     self._handles.append(module.register_forward_hook(self._hook))
+                    if getattr(module, "expert_bias", None) is not None:
+                        self._biased_routers.append(module)
         return self
 
     def _hook(self, router, inputs, output):
@@ -104,9 +114,27 @@ class ExpertLoadCounter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._biased_routers.clear()
+
+    def _expert_bias_range(self, context: ParallelContext) -> dict[str, list[float]]:
+        """Per layer, the min and max of the routers' expert bias (empty without expert bias).
+
+        The bias is the same on every TP/CP/DP rank (its update all-reduces the token counts); each
+        pipeline stage holds its own layers, so the stages' ranges are summed into one table.
+        """
+        if not self._biased_routers:
+            return {}
+        range_L2 = torch.zeros(self.num_layers, 2, dtype=torch.float64, device=context.device)
+        for router in self._biased_routers:
+            bias = router.expert_bias.detach()
+            range_L2[router.layer_number - 1] = torch.stack([bias.min(), bias.max()]).to(range_L2)
+        dist.all_reduce(range_L2, group=context.groups.pp)
+        minimum, maximum = range_L2.T.cpu().tolist()
+        return {"expert_bias_min": minimum, "expert_bias_max": maximum}
 
     def reduce_and_reset(self, context: ParallelContext) -> dict[str, list[float]]:
-        """Global per-layer stats: busiest-expert share, min and max tokens per expert.
+        """Global per-layer stats: busiest-expert share, min and max tokens per expert, and with
+        expert bias its min and max after the step (`_expert_bias_range`).
 
         Collective over the PP, TP/CP and DP groups, on `context.device` (a rank whose routers saw
         no training forward yet contributes zeros).
@@ -122,4 +150,5 @@ class ExpertLoadCounter:
         max_L = counts.max(1).values
         share_L = max_L / counts.sum(1).clamp_min(1)
         share, minimum, maximum = torch.stack([share_L, counts.min(1).values, max_L]).cpu().tolist()
-        return {"busiest_expert_share": share, "min_tokens_per_expert": minimum, "max_tokens_per_expert": maximum}
+        return {"busiest_expert_share": share, "min_tokens_per_expert": minimum, "max_tokens_per_expert": maximum,
+                **self._expert_bias_range(context)}

@@ -8,6 +8,7 @@ equal to a single process is what training runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterable
 
@@ -44,8 +45,32 @@ def wrap_ddp(
     ]
 
 
+def is_norm_or_embedding(param: torch.nn.Parameter, name: str) -> bool:
+    """The parameters TrainConfig.decay_norms_and_embeddings=false exempts from weight decay: every
+    1-D parameter (the norm weights; OLMoE has no biases) and the input embedding."""
+    return param.dim() == 1 or name.endswith("word_embeddings.weight")
+
+
+def weight_decay_overrides(train: TrainConfig) -> dict:
+    """Megatron's `config_overrides` for TrainConfig.decay_norms_and_embeddings.
+
+    On: an empty map (not None, which means Megatron's own "no decay on 1-D params and biases"), so
+    every parameter decays, as OLMoE trained. Off: `is_norm_or_embedding` parameters get their own
+    group with weight decay 0. Megatron applies a group's `wd_mult` only in its LR scheduler, which
+    these runs do not use, so the group's torch option `weight_decay` is set itself; wd_mult=0 also
+    keeps the group's identity (Megatron matches groups by it when loading optimizer state) apart.
+    """
+    if train.decay_norms_and_embeddings:
+        return {}
+    from megatron.core.optimizer import ParamKey, ParamWithNamePredicate
+
+    no_decay = ParamWithNamePredicate(name="olmoe_norms_and_embeddings", fn=is_norm_or_embedding)
+    return {ParamKey(with_name_predicate=no_decay): {"wd_mult": 0.0, "weight_decay": 0.0}}
+
+
 def build_optimizer(models: list[DistributedDataParallel], *, train: TrainConfig, precision: PrecisionConfig):
-    """OLMoE's AdamW: decay on EVERY parameter (Megatron skips biases and 1-D params by default)."""
+    """OLMoE's AdamW: decay on EVERY parameter (Megatron skips biases and 1-D params by default),
+    or on all but norms and the input embedding (`weight_decay_overrides`)."""
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=train.lr,
@@ -62,8 +87,7 @@ def build_optimizer(models: list[DistributedDataParallel], *, train: TrainConfig
         use_distributed_optimizer=train.use_distributed_optimizer,
         overlap_param_gather=train.overlap_param_gather,
     )
-    # An empty override map (not None) turns off Megatron's "no decay on 1-D params" default.
-    optimizer = get_megatron_optimizer(opt_config, models, config_overrides={})
+    optimizer = get_megatron_optimizer(opt_config, models, config_overrides=weight_decay_overrides(train))
     use_fused_adamw(optimizer)
     return optimizer
 
@@ -120,15 +144,26 @@ class StepResult:
         return math.isfinite(self.lm_loss) and math.isfinite(self.grad_norm)
 
 
-def _forward_step(data_iterator, model):
-    """Megatron's forward_step_func: masked mean cross-entropy of the micro-batch."""
+def micro_batch_lm_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, *, normalization: str) -> torch.Tensor:
+    """The micro-batch's summed masked cross-entropy over its tokens ('all_tokens', OLMo's) or over
+    its unmasked tokens ('unmasked_tokens'): TrainConfig.loss_normalization."""
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    if normalization == "all_tokens":
+        return total / mask.numel()
+    if normalization == "unmasked_tokens":
+        return total / mask.sum().clamp_min(1.0)
+    raise ValueError(f"train.loss_normalization={normalization!r}: use 'all_tokens' or 'unmasked_tokens'")
+
+
+def _forward_step(data_iterator, model, *, normalization: str = "all_tokens"):
+    """Megatron's forward_step_func: the micro-batch's cross-entropy (`micro_batch_lm_loss`)."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     loss_mask = batch["loss_mask"]
 
     def loss_func(per_token_loss):
-        mask = loss_mask.reshape(-1).float()
-        loss = torch.sum(per_token_loss.reshape(-1).float() * mask) / mask.sum().clamp_min(1.0)
+        loss = micro_batch_lm_loss(per_token_loss, loss_mask, normalization=normalization)
         return loss, {"lm_loss": loss.detach().clone()}
 
     return output, loss_func
@@ -189,6 +224,7 @@ def train_step(
     model_config: ModelConfig,
     seq_length: int,
     expert_load: ExpertLoadCounter | None = None,
+    loss_normalization: str = "all_tokens",
 ) -> StepResult:
     """Forward/backward over `micro_batches`, gradient reduction, one optimizer update.
 
@@ -198,7 +234,8 @@ def train_step(
     for model in models:
         model.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_forward_backward(models, micro_batches, context, seq_length=seq_length)
+    step_func = functools.partial(_forward_step, normalization=loss_normalization)
+    losses = run_forward_backward(models, micro_batches, context, seq_length=seq_length, forward_step_func=step_func)
     lm_loss = _mean_lm_loss(losses, context)
     router = reduce_router_losses(model_config, context, num_microbatches=len(micro_batches))
     load = expert_load.reduce_and_reset(context) if expert_load is not None else None

@@ -11,6 +11,7 @@ and stop with EXIT_NONFINITE.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -62,6 +63,36 @@ def total_steps(run: RunConfig) -> int:
     return math.ceil(train.max_tokens / train.tokens_per_step)
 
 
+@dataclasses.dataclass
+class TrainingState:
+    """The model chunks, their DDP wrappers, the optimizer and the progress a run starts with."""
+
+    chunks: list
+    models: list
+    optimizer: object
+    progress: Progress
+
+
+def start_training_state(run: RunConfig, context: ParallelContext) -> TrainingState:
+    """Builds the model and optimizer and loads what `plan_load` says (resume, init_from, nothing)."""
+    train_cfg, model_cfg = run.train, run.model
+    config, _ = build_transformer_config(model_cfg, context, precision=run.precision, recompute=train_cfg.recompute)
+    chunks = build_model_chunks(model_cfg, context, precision=run.precision, config=config)
+    models = wrap_ddp(chunks, config, train=train_cfg, precision=run.precision)
+    optimizer = build_optimizer(models, train=train_cfg, precision=run.precision)
+    attach_training_hooks(config, models, optimizer)
+    progress = Progress()
+    plan = plan_load(run.checkpoint)
+    logger.info("checkpoint: %s", plan.reason)
+    if plan.path is not None:
+        progress = load_checkpoint(plan.path, models=models, optimizer=optimizer, load_optimizer=plan.load_optimizer,
+                                   dp_group=context.groups.dp_cp, fully_parallel=run.checkpoint.fully_parallel,
+                                   layout=run.parallel, restore_progress=plan.restore_progress)
+        if plan.reset_data_position:
+            progress.consumed_samples = 0
+    return TrainingState(chunks=chunks, models=models, optimizer=optimizer, progress=progress)
+
+
 def train(run: RunConfig) -> int:
     """Trains `run` on the ranks of this torchrun/Slurm job; returns the process exit code."""
     from olmoe_megatron.data.loader import MicroBatchIterator
@@ -76,22 +107,9 @@ def train(run: RunConfig) -> int:
     if not context.is_logging_rank:
         logging.getLogger().setLevel(logging.WARNING)
     train_cfg, model_cfg = run.train, run.model
-    config, _ = build_transformer_config(model_cfg, context, precision=run.precision, recompute=train_cfg.recompute)
-    chunks = build_model_chunks(model_cfg, context, precision=run.precision, config=config)
-    models = wrap_ddp(chunks, config, train=train_cfg, precision=run.precision)
-    optimizer = build_optimizer(models, train=train_cfg, precision=run.precision)
-    attach_training_hooks(config, models, optimizer)
+    state = start_training_state(run, context)
+    chunks, models, optimizer, progress = state.chunks, state.models, state.optimizer, state.progress
     faults.attach(chunks)
-
-    progress = Progress()
-    plan = plan_load(run.checkpoint)
-    logger.info("checkpoint: %s", plan.reason)
-    if plan.path is not None:
-        progress = load_checkpoint(plan.path, models=models, optimizer=optimizer, load_optimizer=plan.load_optimizer,
-                                   dp_group=context.groups.dp_cp, fully_parallel=run.checkpoint.fully_parallel,
-                                   layout=run.parallel)
-        if plan.reset_data_position:
-            progress.consumed_samples = 0
     steps = total_steps(run)
     dataset = _build_dataset(run, num_samples=max(steps, 1) * train_cfg.global_batch_size)
     evaluator = None
@@ -138,7 +156,8 @@ def train(run: RunConfig) -> int:
             faults.arm(progress.step + 1)
             start = time.perf_counter()
             result = train_step(models, optimizer, micro_batches, context, model_config=model_cfg,
-                                seq_length=train_cfg.seq_length, expert_load=load_counter)
+                                seq_length=train_cfg.seq_length, expert_load=load_counter,
+                                loss_normalization=train_cfg.loss_normalization)
             compute_s = time.perf_counter() - start
             progress.step += 1
             progress.consumed_samples += train_cfg.global_batch_size

@@ -32,8 +32,9 @@ def test_granularity_ablations_keep_active_and_total_parameters():
     assert len(totals) == 1 and len(actives) == 1  # equal once the (tiny) routers are set aside
     dense = get_recipe("ablation_dense").model
     assert dense.num_params(active=True) == next(iter(actives))
-    shared = get_recipe("ablation_shared_expert").model
-    assert shared.num_params(active=True) - shared.d_model * 64 * shared.num_layers == next(iter(actives))
+    shared = get_recipe("ablation_shared_expert").model  # 1 shared + top-3 of 32, against 32 top-4
+    assert shared.num_params(active=True) == get_recipe("ablation_32e_top4").model.num_params(active=True)
+    assert shared.num_params(active=True) - shared.d_model * shared.num_experts * shared.num_layers == next(iter(actives))
     assert get_recipe("ablation_no_lb").model.router_aux_loss_coeff == 0
     assert get_recipe("ablation_no_zloss").model.router_z_loss_coeff == 0
 

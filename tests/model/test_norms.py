@@ -6,7 +6,7 @@ import torch
 
 from olmoe_megatron.model.norms import lean_rms_norm, rms_normalize
 from olmoe_megatron.testing.distributed import get_pool
-from olmoe_megatron.testing.norm_checks import split_width_lean_norm
+from olmoe_megatron.testing.norm_checks import split_width_layer_norm, split_width_lean_norm
 
 
 def _graph_path(x, weight, eps):
@@ -55,6 +55,15 @@ def test_lean_norm_over_a_split_width_equals_the_whole_width():
     for r in get_pool(2).run(split_width_lean_norm):
         assert r["y_equal"] and r["grad_w_equal"]
         assert r["grad_x_max_diff"] <= 2 ** -7 * r["grad_x_max"]
+
+
+def test_full_width_layernorm_over_a_split_width_equals_the_whole_width():
+    """model.norm_type='layernorm' (the norm ablation): the QK LayerNorm's mean and variance over a
+    TP-split width, against the whole width and torch's LayerNorm (a scale, no bias)."""
+    for r in get_pool(2).run(split_width_layer_norm):
+        assert r["reference_max_diff"] <= 1e-6
+        assert r["y_max_diff"] <= 1e-5 and r["grad_w_max_diff"] <= 1e-5
+        assert r["grad_x_max_diff"] <= 1e-5 * r["grad_x_max"]
 
 
 def test_cpu_paths_are_unchanged():

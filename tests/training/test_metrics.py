@@ -109,6 +109,12 @@ def test_console_line_unchanged_for_bf16_and_names_the_fp8_peak():
     assert "MFU 10.0% of fp8 peak (20.0% of bf16) |" in fp8
 
 
+def test_console_line_gives_the_expert_bias_range():
+    """model.router_expert_bias: the range of every layer's bias after the step, over all layers."""
+    load = {"busiest_expert_share": [0.25, 0.5], "expert_bias_min": [-0.002, -0.003], "expert_bias_max": [0.001, 0.002]}
+    assert format_line({**RECORD, "expert_load": load}).endswith("busiest expert 50% | expert bias -0.0030..+0.0020")
+
+
 def test_bf16_speed_is_told_by_the_cpu_flags():
     from olmoe_megatron.training.metrics import x86_bf16_instructions
 

@@ -19,7 +19,7 @@ OLMOE = get_recipe("olmoe_1b_7b").train
         (10_485_760_000, 4e-4),  # peak
         ((10_485_760_000 + 5e12) / 2, 2.2e-4),  # half the cosine: midway between peak and floor
         (5_000_000_000_000, 4e-5),  # t_max: 0.1 * peak
-        (5_033_164_800_000, 4e-5),  # constant after t_max
+        (5_117_050_880_000, 4e-5),  # constant after t_max, to the end of pretraining
     ],
 )
 def test_olmoe_schedule(tokens, expected):
@@ -38,6 +38,23 @@ def test_anneal_is_linear_to_zero():
     assert learning_rate(anneal, 50_000_000_000) == pytest.approx(2e-5)
     assert learning_rate(anneal, 100_000_000_000) == 0.0
     assert learning_rate(anneal, 120_000_000_000) == 0.0
+
+
+def test_olmoe_pretraining_length_and_its_anneal_recipe():
+    """1,220,000 steps, 5,117,050,880,000 tokens (step1220000-tokens5117B), then the anneal: 4e-5
+    linearly to 0 over 100B tokens (23,842 steps), from the pretraining's checkpoint with its moments."""
+    from olmoe_megatron.training.trainer import total_steps
+
+    pretrain = get_recipe("olmoe_1b_7b")
+    assert pretrain.train.max_tokens == 5_117_050_880_000 == 1_220_000 * pretrain.train.tokens_per_step
+    assert total_steps(pretrain) == 1_220_000
+    anneal = get_recipe("olmoe_1b_7b_anneal")
+    assert learning_rate(anneal.train, 0) == pytest.approx(4e-5, rel=1e-12)
+    assert learning_rate(anneal.train, 100_000_000_000) == 0.0
+    assert total_steps(anneal) == 23_842
+    assert anneal.checkpoint.init_from == pretrain.checkpoint.dir and anneal.checkpoint.init_optimizer
+    assert anneal.checkpoint.dir != pretrain.checkpoint.dir and anneal.data.seed == 42
+    assert (anneal.model, anneal.parallel) == (pretrain.model, pretrain.parallel)
 
 
 def test_defaults_are_olmoe_optimizer():

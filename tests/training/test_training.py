@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from olmoe_megatron.config import ConfigError
 from olmoe_megatron.config.base import config_to_dict
 from olmoe_megatron.recipes import get_recipe
+from olmoe_megatron.testing.checkpoint_checks import optimizer_state_at_start, save_weights_only
 from olmoe_megatron.testing.distributed import get_pool, standalone_env
 from olmoe_megatron.testing.training_runs import read_metrics, train_run, write_synthetic_corpus
 from olmoe_megatron.training.exit_codes import EXIT_NONFINITE, EXIT_OK
+from olmoe_megatron.training.schedule import learning_rate
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "olmoe_tiny.json"
 
@@ -40,11 +43,10 @@ def losses(root: Path) -> dict[int, float]:
     return {r["step"]: r["lm_loss"] for r in read_metrics(root / "metrics.jsonl")}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pool1():
-    pool = get_pool(1)
-    yield pool
-    pool.close()
+    """The live one-rank pool (a failed run closes a pool; the next test gets a new one)."""
+    return get_pool(1)
 
 
 def test_golden_losses(pool1, corpus, tmp_path):
@@ -129,19 +131,32 @@ def test_bf16_resume_with_cpu_kernels_is_bit_exact(pool1, corpus, tmp_path):
     assert losses(stopped) == losses(straight) and sorted(losses(stopped)) == [1, 2, 3, 4]
 
 
-def test_anneal_is_a_new_run_from_trained_weights(pool1, corpus, tmp_path):
-    """OLMoE's anneal: a new run from the pretrained checkpoint's weights (lr from 0.1*peak linearly
-    to 0, fresh optimizer, schedule and data position, reshuffled by a new data seed); a restart
-    after the anneal has saved resumes the anneal itself, bit for bit."""
+def test_anneal_keeps_the_moments_and_restarts_the_trainer_state(pool1, corpus, tmp_path):
+    """OLMoE's anneal: a new run from the pretrained checkpoint with its AdamW moments
+    (checkpoint.init_optimizer) but step, tokens and data position from 0: the moments after the load
+    equal those saved, the lr starts at 0.1 x peak and falls linearly to 0 at anneal_tokens, a new
+    data seed reshuffles, and a restart after the anneal has saved resumes the anneal, bit for bit."""
     pre = tmp_path / "pre"
     assert pool1.run(train_run, tiny_run(corpus, pre, steps=3)) == [EXIT_OK]
     tokens_per_step = 8 * 32
-    anneal = dict(schedule="anneal", anneal_tokens=4 * tokens_per_step)
+    anneal = dict(schedule="anneal", anneal_tokens=4 * tokens_per_step, adam_eps=1e-7)
 
-    def anneal_run(root: Path, steps: int, data_seed: int = 7) -> dict:
+    def anneal_run(root: Path, steps: int, data_seed: int = 7, keep_moments: bool = True) -> dict:
         run = tiny_run(corpus, root, steps=steps, train=anneal, data={"seed": data_seed})
-        run["checkpoint"]["init_from"] = str(pre / "ckpt")
+        run["checkpoint"].update(init_from=str(pre / "ckpt"), init_optimizer=keep_moments)
         return run
+
+    resumed = pool1.run(optimizer_state_at_start, tiny_run(corpus, pre, steps=3))[0]  # the saved state
+    kept = pool1.run(optimizer_state_at_start, anneal_run(tmp_path / "view", 4))[0]
+    fresh = pool1.run(optimizer_state_at_start, anneal_run(tmp_path / "view", 4, keep_moments=False))[0]
+    assert resumed["progress"]["step"] == 3 and kept["progress"] == fresh["progress"] == {
+        "step": 0, "consumed_samples": 0, "tokens": 0, "nonfinite_streak": 0}
+    assert len(kept["state"]) == len(resumed["state"]) > 10
+    for mine, saved in zip(kept["state"], resumed["state"]):
+        assert mine.keys() == saved.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert all(torch.equal(torch.as_tensor(mine[k]), torch.as_tensor(saved[k])) for k in saved)
+    assert all(not s for s in fresh["state"])  # init_optimizer=false: a fresh optimizer
+    assert {o["eps"] for o in kept["options"]} == {1e-7}  # this run's options, not the checkpoint's
 
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert pool1.run(train_run, anneal_run(straight, 4)) == [EXIT_OK]
@@ -149,8 +164,15 @@ def test_anneal_is_a_new_run_from_trained_weights(pool1, corpus, tmp_path):
     start = 3e-3 * 0.1  # olmoe_tiny's peak lr x anneal_start_ratio
     assert [r["lr"] for r in records] == pytest.approx([start, 0.75 * start, 0.5 * start, 0.25 * start])
     assert [r["tokens"] for r in records] == [k * tokens_per_step for k in (1, 2, 3, 4)]  # schedule from 0
-    fresh = losses(pre)[1]  # a freshly initialised model's first loss
-    assert records[0]["lm_loss"] < fresh - 0.3, "the anneal did not start from the trained weights"
+    run = get_recipe("olmoe_tiny").train.replace(**anneal)
+    assert learning_rate(run, 4 * tokens_per_step) == 0.0
+    assert records[0]["lm_loss"] < losses(pre)[1] - 0.3, "the anneal did not start from the trained weights"
+
+    # The same weights and batch give the same first loss; the moments then change the update.
+    fresh_optimizer = tmp_path / "fresh_optimizer"
+    assert pool1.run(train_run, anneal_run(fresh_optimizer, 2, keep_moments=False)) == [EXIT_OK]
+    assert losses(fresh_optimizer)[1] == records[0]["lm_loss"]
+    assert losses(fresh_optimizer)[2] != records[1]["lm_loss"]
 
     same_order = tmp_path / "same_order"  # the pretraining's data seed: other batches, another loss
     pretrain_seed = get_recipe("olmoe_tiny").data.seed
@@ -161,7 +183,24 @@ def test_anneal_is_a_new_run_from_trained_weights(pool1, corpus, tmp_path):
     assert pool1.run(train_run, anneal_run(stopped, 2)) == [EXIT_OK]
     assert pool1.run(train_run, anneal_run(stopped, 4)) == [EXIT_OK]  # resumes its own step 2
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [1, 2, 3, 4]  # not restarted
+    assert [r["lr"] for r in read_metrics(stopped / "metrics.jsonl")] == [r["lr"] for r in records]
     assert losses(stopped) == losses(straight)
+
+
+def test_init_optimizer_needs_a_training_checkpoint(pool1, corpus, tmp_path):
+    """A weights-only checkpoint (a conversion) has no moments to keep: a clear error, not a silent
+    fresh optimizer."""
+    pre = tmp_path / "pre"
+    assert pool1.run(train_run, tiny_run(corpus, pre, steps=1)) == [EXIT_OK]
+    weights_only = tmp_path / "weights_only"
+    pool1.run(save_weights_only, str(pre / "ckpt" / "step_0000001"), str(weights_only))
+    run = tiny_run(corpus, tmp_path / "anneal", steps=1, train={"schedule": "anneal"})
+    run["checkpoint"].update(init_from=str(weights_only), init_optimizer=True)
+    with pytest.raises(Exception, match=r"checkpoint.init_optimizer=true needs the optimizer state"):
+        pool1.run(train_run, run)
+    with pytest.raises(ConfigError, match=r"checkpoint.init_optimizer=true takes the optimizer state of "
+                                          r"checkpoint.init_from, which is not set"):
+        get_recipe("olmoe_tiny").with_overrides(["checkpoint.init_optimizer=true"])
 
 
 def test_non_finite_losses_skip_then_stop(pool1, corpus, tmp_path):
