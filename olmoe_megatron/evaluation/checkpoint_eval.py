@@ -18,6 +18,7 @@ from olmoe_megatron.checkpoint.format import MODEL_FILE, RUN_FILE, TOKENIZER_DIR
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.config.base import config_to_dict, load_yaml, parse_override_args
 from olmoe_megatron.parallel.layout import ParallelLayout
+from olmoe_megatron.tables import markdown_table
 
 logger = logging.getLogger(__name__)
 
@@ -54,25 +55,33 @@ def checkpoint_step(step_dir: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> dict:
-    """Evaluates the checkpoint on this job's ranks; returns the same result dict on every rank."""
-    import torch.distributed as dist
-
+def load_checkpoint_model(step_dir: Path, run):
+    """(ParallelContext, model chunks) with `step_dir`'s weights, in `run`'s layout on this job's ranks
+    (Megatron's distributed checkpoints reshard: an expert-parallel save loads into one process)."""
     from olmoe_megatron.checkpoint.weights import load_model
-    from olmoe_megatron.evaluation.evaluator import Evaluator
     from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
     from olmoe_megatron.parallel.context import initialize
 
-    step_dir, run = checkpoint_run_config(ckpt, overrides)
-    if not run.eval.enabled:
-        raise ConfigError("nothing to evaluate: give --eval.datasets='[{name: NAME, paths: [PREFIX]}]' and/or "
-                          "--eval.tasks=[FILE.jsonl or demo-next-line]")
     context = initialize(run.parallel, run.model, seed=run.train.seed,
                          timeout_minutes=run.train.collective_timeout_minutes)
     run.parallel.validate(run.model, context.world_size, backend=context.backend)
     config, _ = build_transformer_config(run.model, context, precision=run.precision)
     chunks = build_model_chunks(run.model, context, precision=run.precision, config=config)
     load_model(chunks, step_dir)
+    return context, chunks
+
+
+def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> dict:
+    """Evaluates the checkpoint on this job's ranks; returns the same result dict on every rank."""
+    import torch.distributed as dist
+
+    from olmoe_megatron.evaluation.evaluator import Evaluator
+
+    step_dir, run = checkpoint_run_config(ckpt, overrides)
+    if not run.eval.enabled:
+        raise ConfigError("nothing to evaluate: give --eval.datasets='[{name: NAME, paths: [PREFIX]}]' and/or "
+                          "--eval.tasks=[FILE.jsonl or demo-next-line]")
+    context, chunks = load_checkpoint_model(step_dir, run)
     evaluator = Evaluator.build(run, context)
     metrics = evaluator.evaluate(chunks)
     dist.barrier()
@@ -94,7 +103,4 @@ def format_table(result: dict) -> str:
             name = key[len("eval/"):-len("/acc")]
             rows.append([name, "task", "", "", f"{metrics[key]:.4f}", f"{metrics[f'eval/{name}/acc_norm']:.4f}",
                          f"{metrics[f'eval/{name}/items']:,} items"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows)
