@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-study clean
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The paper's granularity and LB pairs as one study on this machine (about 30 min on 2 cores).
+bench-study: $(STAMP)
+	$(PY) benchmarks/study_paper_pairs.py
 
 clean:
 	rm -rf $(VENV) *.egg-info runs .pytest_cache

@@ -36,7 +36,7 @@ setup(
     packages=_packages(),
     package_dir={"olmoe_megatron": "olmoe_megatron", **_SUBPACKAGES},
     # The C source of the CPU kernels, compiled on first use (olmoe_megatron/ops/cpu).
-    package_data={"olmoe_megatron": ["ops/cpu/kernels.c"]},
+    package_data={"olmoe_megatron": ["ops/cpu/kernels.c", "studies/builtin/*.yaml"]},
     install_requires=[
         # CPU machines: 2.13.0 from local disk; clusters: any CUDA build >= 2.6.
         "torch>=2.6",
