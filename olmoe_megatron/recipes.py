@@ -44,7 +44,7 @@ def get_recipe(name: str) -> RunConfig:
 
 @recipe
 def olmoe_1b_7b() -> RunConfig:
-    """OLMoE-1B-7B as trained: 16 layers, 64 experts top-8, 4M-token batches, 5T tokens."""
+    """OLMoE-1B-7B as trained: 16 layers, 64 experts top-8, 4M-token batches, 1,220,000 steps (5.117T tokens)."""
     return RunConfig(
         name="olmoe_1b_7b",
         model=ModelConfig(),

@@ -32,6 +32,7 @@ def _shown_entries(result: dict) -> list[dict]:
 
 def _save(fig, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp.png")
+    fig.tight_layout()
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     tmp.replace(path)
 
