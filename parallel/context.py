@@ -86,6 +86,17 @@ def backend_uses_cuda(backend: str) -> bool:
     return backend == "nccl"
 
 
+#: torch.distributed's rendezvous variables (torchrun's and Slurm entrypoint's): a process started
+#: without them is a world of one (init_distributed).
+RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                  "TORCHELASTIC_RUN_ID")
+
+
+def without_rendezvous(env: dict[str, str]) -> dict[str, str]:
+    """`env` less RENDEZVOUS_ENV: the environment of a child process that starts a world of its own."""
+    return {k: v for k, v in env.items() if k not in RENDEZVOUS_ENV}
+
+
 def init_distributed(*, backend: str | None = None, timeout_minutes: float = 10.0) -> str:
     """Starts torch.distributed from the torchrun/Slurm environment (or as one process)."""
     backend = backend or default_backend()

@@ -5,6 +5,7 @@
     olmoe study run granularity --dir runs/studies/g    # every unfinished member, one after another
     olmoe study run runs/studies/g                      # resume from the written plan
     olmoe study submit granularity --nodes 1 --gpus-per-node 8 --partition gpu   # one Slurm array
+    olmoe study init runs/studies/layouts               # same_init: write the initial weights (run does it too)
     olmoe study status runs/studies/g
     olmoe study report runs/studies/g                   # report.md, report.html and PNGs in g/report
 
@@ -12,7 +13,9 @@ Every member's run config is resolved and checked before anything is written or 
 fails rejects the whole study. A member runs `olmoe study train-member --recipe NAME --config
 members/NAME/member.yaml` (through `olmoe launch` locally, or as a line of slurm/sweep.sbatch),
 which writes members/NAME/done.json after a clean exit; finished members are never rerun, and
-killed ones resume from their own checkpoints.
+killed ones resume from their own checkpoints. A study with `same_init: true` first writes one set
+of initial weights per seed (`olmoe study init`, a world of one process; on Slurm a one-task job
+the array depends on) and every member starts from it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("study", help="a study file, a built-in study name or a study directory")
     p.add_argument("--dir", type=Path, default=None, help="study directory (default runs/studies/<name>)")
     _add_slurm_arguments(p)
+    p = sub.add_parser("init", help="same_init: write the study's initial weights (one process; run/submit do it)")
+    p.add_argument("dir", type=Path, help="the study directory (plan.json)")
     p = sub.add_parser("status", help="each member's state: finished, started or new")
     p.add_argument("dir", type=Path)
     p = sub.add_parser("report", help="Markdown and self-contained HTML report with PNG plots")
@@ -132,9 +137,10 @@ def build_report(study_dir: Path, out_dir: Path | None = None, *, warmup_steps: 
 
 
 # ------------------------------------------------------------------ slurm
-def prepare_submit(args: argparse.Namespace) -> tuple[str, Path, int]:
-    """(script, study dir, number of array tasks) for the unfinished members; checks each member
-    against the job's world size first."""
+def prepare_submit(args: argparse.Namespace) -> tuple[str, Path, int, str | None]:
+    """(array script, study dir, number of array tasks, init script or None) for the unfinished
+    members; checks each member against the job's world size first. The init script (same_init,
+    initial weights not written yet) is a one-task job the array must depend on."""
     from olmoe_megatron.launcher.commands.slurm import _venv
     from olmoe_megatron.launcher.slurm_render import SlurmJobConfig, default_slurm_dir, render_sbatch
     from olmoe_megatron.run_config import RunConfig
@@ -158,34 +164,75 @@ def prepare_submit(args: argparse.Namespace) -> tuple[str, Path, int]:
             RunConfig.from_dict(member["config"]).validate_world_size(job.world_size, backend=backend)
         except ConfigError as exc:
             raise StudyError(f"member {member['name']!r} on {job.world_size} ranks: {exc}") from None
+    init_script = None
+    from olmoe_megatron.studies.init import pending_inits
+
+    if pending_inits({**plan, "members": pending}):
+        init_job = SlurmJobConfig(**{**given, "job_name": f"{given['job_name']}-init", "nodes": 1,
+                                     "gpus_per_node": 1 if job.gpus_per_node else 0,
+                                     "nproc_per_node": None if job.gpus_per_node else 1})
+        init_script = render_sbatch(init_job, command=["olmoe", "study", "init", str(study_dir)],
+                                    slurm_dir=(args.slurm_dir or default_slurm_dir()).resolve(), venv=_venv(args))
     sweep = study_dir / "sweep-slurm.txt"
     _atomic_write(sweep, "".join(f"--recipe {m['recipe']} --config {Path(m['dir']) / 'member.yaml'}\n" for m in pending))
     script = render_sbatch(job, command=["olmoe", "study", "train-member"],
                            slurm_dir=(args.slurm_dir or default_slurm_dir()).resolve(), venv=_venv(args),
                            sweep_file=sweep, num_sweep_entries=len(pending))
-    return script, study_dir, len(pending)
+    return script, study_dir, len(pending), init_script
 
 
 def _submit(args: argparse.Namespace) -> int:
     import subprocess
 
-    script, study_dir, num_tasks = prepare_submit(args)
+    script, study_dir, num_tasks, init_script = prepare_submit(args)
     if args.dry_run:
+        if init_script is not None:
+            sys.stdout.write(init_script + "\n# --- then, with --dependency=afterok:<the init job's id>:\n")
         sys.stdout.write(script)
         return 0
-    path = study_dir / "slurm" / "study.sbatch"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
-    if result.returncode != 0:
-        print(f"olmoe study submit: sbatch failed ({result.returncode}): {result.stderr.strip()}", file=sys.stderr)
-        return result.returncode
-    print(result.stdout.strip().split(";")[0])
-    print(f"olmoe study submit: {num_tasks} array tasks, script {path}", file=sys.stderr)
+    (study_dir / "slurm").mkdir(parents=True, exist_ok=True)
+
+    def sbatch(path: Path, text: str, *extra: str) -> str | None:
+        path.write_text(text)
+        result = subprocess.run(["sbatch", "--parsable", *extra, str(path)], capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"olmoe study submit: sbatch {path.name} failed ({result.returncode}): {result.stderr.strip()}",
+                  file=sys.stderr)
+            return None
+        return result.stdout.strip().split(";")[0]
+
+    dependency = []
+    if init_script is not None:
+        init_id = sbatch(study_dir / "slurm" / "study-init.sbatch", init_script)
+        if init_id is None:
+            return 1
+        print(init_id)
+        print(f"olmoe study submit: initial weights job {init_id}, script {study_dir / 'slurm' / 'study-init.sbatch'}",
+              file=sys.stderr)
+        dependency = [f"--dependency=afterok:{init_id}", "--kill-on-invalid-dep=yes"]
+    job_id = sbatch(study_dir / "slurm" / "study.sbatch", script, *dependency)
+    if job_id is None:
+        return 1
+    print(job_id)
+    print(f"olmoe study submit: {num_tasks} array tasks, script {study_dir / 'slurm' / 'study.sbatch'}"
+          + (f", after job {dependency[0].split(':')[1]}" if dependency else ""), file=sys.stderr)
     return 0
 
 
 # ------------------------------------------------------------------ member
+def _check_study_init(run_config, member_file: Path) -> None:
+    """A same_init member that has not saved yet needs the study's initial weights."""
+    from olmoe_megatron.checkpoint.format import read_latest
+
+    init_from = run_config.checkpoint.init_from
+    study_dir = member_file.resolve().parent.parent.parent
+    if init_from is None or Path(init_from).parent != study_dir / "init" or Path(init_from).is_dir():
+        return
+    if read_latest(run_config.checkpoint.dir) is None:
+        raise ConfigError(f"checkpoint.init_from={init_from!r}: the study's initial weights are not written yet; "
+                          f"run `olmoe study init {study_dir}` first (`olmoe study run` and `submit` do it)")
+
+
 def _train_member(args: argparse.Namespace) -> int:
     from olmoe_megatron.data.errors import DataError
     from olmoe_megatron.launcher.run_args import resolve_run_config
@@ -195,6 +242,7 @@ def _train_member(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("study train-member needs --config members/NAME/member.yaml (written by `olmoe study plan`)")
     run_config = resolve_run_config(args)
+    _check_study_init(run_config, Path(args.config))
     try:
         code = train(run_config)
     except DataError as exc:
@@ -217,6 +265,21 @@ def run(args: argparse.Namespace) -> int:
         return _train_member(args)
     if action == "submit":
         return _submit(args)
+    if action == "init":
+        from olmoe_megatron.studies.init import pending_inits, write_pending_inits
+        from olmoe_megatron.studies.plan import read_plan
+
+        plan = read_plan(args.dir)
+        if not plan.get("same_init"):
+            print(f"olmoe study init: study {plan['study']!r} has no same_init; its members draw their own "
+                  "initial weights", file=sys.stderr)
+            return 0
+        todo = pending_inits(plan)
+        for path in write_pending_inits(plan):
+            print(f"olmoe study init: wrote {path}")
+        if not todo:
+            print(f"olmoe study init: every initial checkpoint of {args.dir} exists")
+        return 0
     if action == "status":
         from olmoe_megatron.studies.plan import read_plan
 

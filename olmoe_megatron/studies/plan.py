@@ -11,14 +11,16 @@ Each member's run config is `get_recipe(recipe).with_overrides(...)` of, in this
 key wins): the budget (train.max_tokens or train.max_steps, and train.t_max_tokens when
 fit_schedule), train.seed, data.seed, the `eval` section, the shared overrides, the member's own
 overrides, and the study's own keys: name, checkpoint.dir and metrics.jsonl under the member's
-directory. The last ones belong to the study (resuming depends on them), so overrides may not
-set them, nor the budget or the seeds the study sets.
+directory (and, with `same_init: true`, checkpoint.init_from = init/seed<N>). The last ones belong
+to the study (resuming depends on them), so overrides may not set them, nor the budget or the seeds
+the study sets.
 
 Study directory:
     plan.json                  the resolved plan (written last, atomically)
     members/<name>/member.yaml the member's dotted overrides over its recipe (`--config` of
                                `olmoe study train-member --recipe NAME --config ...`)
     members/<name>/checkpoints/, metrics.jsonl, done.json (written after a clean exit)
+    init/seed<N>/              with same_init: the seed's initial weights (`olmoe study init`)
     sweep.txt                  one `--recipe NAME --config members/<name>/member.yaml` per member
 """
 
@@ -46,6 +48,8 @@ STUDY_OWNED = {
     "train.max_steps": "the study's `steps:` budget",
     "train.max_tokens": "the study's `tokens:` budget",
 }
+#: Owned by the study only when it has `same_init: true`.
+SAME_INIT_OWNED = {"checkpoint.init_from": "the study's initial weights (same_init: true writes init/seed<N>)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,8 @@ class MemberPlan:
     dir: Path
     config: Any
     """The resolved RunConfig."""
+    init_from: Path | None = None
+    """With same_init: the study's initial weights this member starts from (init/seed<N>)."""
 
     @property
     def member_file(self) -> Path:
@@ -84,6 +90,7 @@ class MemberPlan:
             "dir": str(self.dir), "overrides": self.overrides,
             "params_total": model.num_params(), "params_active": model.num_params(active=True),
             "tokens_per_step": self.config.train.tokens_per_step, "config": self.config.to_dict(),
+            "init_from": None if self.init_from is None else str(self.init_from),
         }
 
 
@@ -99,7 +106,7 @@ class StudyPlan:
             "version": PLAN_VERSION, "study": spec.name, "description": spec.description, "source": spec.source,
             "budget": {spec.budget_kind: spec.budget}, "seeds": list(spec.seeds),
             "data_seed": self.members[0].config.data.seed, "loss_tolerance": spec.loss_tolerance,
-            "members": [m.to_dict() for m in self.members],
+            "same_init": spec.same_init, "members": [m.to_dict() for m in self.members],
         }
 
 
@@ -125,10 +132,11 @@ def _check_key(key: str, *, where: str) -> None:
 
 
 def _check_owned(overrides: dict[str, Any], spec: StudySpec, *, where_of) -> None:
+    owned = {**STUDY_OWNED, **(SAME_INIT_OWNED if spec.same_init else {})}
     for key in overrides:
-        if key in STUDY_OWNED:
+        if key in owned:
             raise StudyError(f"{where_of(key)}: override {key}={overrides[key]!r} is set by the study; "
-                             f"use {STUDY_OWNED[key]}")
+                             f"use {owned[key]}")
         if key == "train.seed" and spec.seeds:
             raise StudyError(f"{where_of(key)}: override train.seed={overrides[key]!r} conflicts with the "
                              f"study's seeds {list(spec.seeds)}; list the seed under `seeds`")
@@ -193,6 +201,13 @@ def resolve_study(spec: StudySpec, *, study_dir: str | Path, backend: str = "glo
             dotted.update({"name": name, "checkpoint.dir": str(member_dir / "checkpoints"),
                            "metrics.jsonl": str(member_dir / "metrics.jsonl")})
             where = f"{member.where}: member {name!r} (recipe {member.recipe})"
+            init_from = None
+            if spec.same_init:
+                if base.checkpoint.init_from is not None:
+                    raise StudyError(
+                        f"{where}: the recipe starts from checkpoint.init_from={base.checkpoint.init_from!r}, "
+                        f"which same_init would replace by the study's initial weights; set same_init: false "
+                        f"({spec.where('same_init')}) or leave this recipe out")
             try:
                 config = base.with_overrides(dict(dotted))
                 fit = spec.fit_schedule and "train.t_max_tokens" not in {**spec.overrides, **member.overrides}
@@ -205,6 +220,10 @@ def resolve_study(spec: StudySpec, *, study_dir: str | Path, backend: str = "glo
                         raise ConfigError(f"{exc} (fit_schedule set train.t_max_tokens={budget_tokens}, the budget; "
                                           "raise the budget, lower train.warmup_tokens in `overrides`, or set "
                                           "fit_schedule: false)") from None
+                if spec.same_init:  # one init per seed: the seed the member resolved to
+                    init_from = study_dir / "init" / f"seed{config.train.seed}"
+                    dotted["checkpoint.init_from"] = str(init_from)
+                    config = base.with_overrides(dict(dotted))
             except ConfigError as exc:
                 raise StudyError(f"{where}: {exc}") from None
             nproc = member.nproc or spec.nproc or config.parallel.smallest_world_size
@@ -214,9 +233,17 @@ def resolve_study(spec: StudySpec, *, study_dir: str | Path, backend: str = "glo
                 raise StudyError(f"{where} on {nproc} processes: {exc}; set the member's `nproc` or "
                                  "the study's launch.nproc") from None
             members.append(MemberPlan(name=name, recipe=member.recipe, seed=config.train.seed, overrides=dotted,
-                                      nproc=nproc, dir=member_dir, config=config))
+                                      nproc=nproc, dir=member_dir, config=config, init_from=init_from))
     _check_shared(members, spec)
+    if spec.same_init:
+        _check_same_model(members, spec)
     return StudyPlan(spec=spec, dir=study_dir, members=tuple(members))
+
+
+def _section_differences(a: MemberPlan, b: MemberPlan, section: str) -> str:
+    """'section.key: x vs y; ...' (the first three) of two members' config sections; '' if equal."""
+    diff = _differences(getattr(a.config, section).to_dict(), getattr(b.config, section).to_dict())
+    return "; ".join(f"{section}.{d}" for d in diff[:3])
 
 
 def _check_shared(members: list[MemberPlan], spec: StudySpec) -> None:
@@ -224,12 +251,12 @@ def _check_shared(members: list[MemberPlan], spec: StudySpec) -> None:
     first = members[0]
     for member in members[1:]:
         for section in ("data", "eval"):
-            diff = _differences(getattr(first.config, section).to_dict(), getattr(member.config, section).to_dict())
+            diff = _section_differences(first, member, section)
             if diff:
                 raise StudyError(
-                    f"{spec.source}: members {first.name!r} and {member.name!r} differ in {section} "
-                    f"({'; '.join(f'{section}.{d}' for d in diff[:3])}): a study gives every member the same "
-                    f"data order and held-out sets; set {section}.* in the shared `overrides` (or `eval`)")
+                    f"{spec.source}: members {first.name!r} and {member.name!r} differ in {section} ({diff}): a "
+                    f"study gives every member the same data order and held-out sets; set {section}.* in the "
+                    "shared `overrides` (or `eval`)")
         if member.config.train.seq_length != first.config.train.seq_length:
             raise StudyError(
                 f"{spec.source}: members {first.name!r} and {member.name!r} train on sequences of "
@@ -240,6 +267,20 @@ def _check_shared(members: list[MemberPlan], spec: StudySpec) -> None:
                 f"{spec.where('steps')}: steps={spec.budget} gives {first.name!r} "
                 f"{spec.budget * first.config.train.tokens_per_step} tokens and {member.name!r} "
                 f"{spec.budget * member.config.train.tokens_per_step}; use `tokens:` for one token budget")
+
+
+def _check_same_model(members: list[MemberPlan], spec: StudySpec) -> None:
+    """same_init: the members that share an init have one model and one precision."""
+    first_of: dict[Path, MemberPlan] = {}
+    for member in members:
+        first = first_of.setdefault(member.init_from, member)
+        for section in ("model", "precision"):
+            diff = _section_differences(first, member, section)
+            if diff:
+                raise StudyError(
+                    f"{spec.where('same_init')}: same_init gives members {first.name!r} and {member.name!r} one set "
+                    f"of initial weights, but their {section} differs ({diff}); set same_init: false, or give "
+                    f"every member the same {section} (shared `overrides`)")
 
 
 # ------------------------------------------------------------------ writing and reading

@@ -267,7 +267,9 @@ def write_report(plan: dict[str, Any], members: list[MemberSummary], out_dir: Pa
              f"Budget: {budget}; data seed {plan['data_seed']} for every member; seeds (train.seed, init): "
              f"{plan['seeds'] or 'from the recipes'}. Final train loss: the mean of the last {FINAL_LOSS_STEPS} "
              "steps; validation and accuracy: the last evaluation; tokens/s and MFU: medians after the first "
-             "step; busiest expert: the last step's largest share over layers (uniform 1/E in brackets).", ""]
+             "step; busiest expert: the last step's largest share over layers (uniform 1/E in brackets). "
+             + ("Initial weights: shared, every member of a seed started from the study's init/seed<N> (same_init)."
+                if plan.get("same_init") else "Initial weights: each member drew its own in its layout."), ""]
     tolerance = plan.get("loss_tolerance")
     agreement = loss_agreement(members, tolerance) if tolerance is not None else []
     agreement_md = (["## Loss agreement", "", *_agreement_lines(agreement, tolerance), ""] if agreement else [])

@@ -4,6 +4,10 @@ members/<name>/member.yaml`, which trains and, after a clean exit, writes member
 
 Resuming: a member with done.json is finished and never rerun; any other member is (re)started,
 and the trainer resumes from its own checkpoint.dir's `latest` when there is one.
+
+With `same_init: true` the study's initial weights (studies/init.py) are written first, by `olmoe
+study init DIR` in a process of its own (a world of one); on Slurm, as a one-task job the array
+depends on.
 """
 
 from __future__ import annotations
@@ -53,6 +57,27 @@ def member_state(member: dict[str, Any]) -> str:
     return "new"
 
 
+def init_command(study_dir: str | Path, *, python: str = sys.executable) -> list[str]:
+    """`olmoe study init DIR` as argv: writes the study's pending initial weights."""
+    return [python, "-m", "olmoe_megatron.launcher.cli", "study", "init", str(study_dir)]
+
+
+def write_inits(plan: dict[str, Any], study_dir: str | Path, *, python: str = sys.executable,
+                env: dict[str, str] | None = None) -> int:
+    """Runs `olmoe study init` when the plan has initial weights still to write; its exit code (0
+    when there is nothing to write)."""
+    from olmoe_megatron.studies.init import pending_inits
+
+    pending = pending_inits(plan)
+    if not pending:
+        return 0
+    logger.info("study %s: writing the initial weights %s", plan["study"], ", ".join(sorted(pending)))
+    from olmoe_megatron.parallel.context import without_rendezvous
+
+    return subprocess.call(init_command(study_dir, python=python),
+                           env=without_rendezvous(dict(env if env is not None else os.environ)))
+
+
 def member_command(member: dict[str, Any], *, python: str = sys.executable) -> list[str]:
     """`olmoe launch -n NPROC -- study train-member --recipe R --config member.yaml` as argv."""
     return [python, "-m", "olmoe_megatron.launcher.cli", "launch", "-n", str(member["nproc"]), "--",
@@ -86,6 +111,12 @@ def run_local(plan: dict[str, Any], *, only: list[str] | None = None, python: st
 
         raise StudyError(f"--member {', '.join(unknown)}: not in study {plan['study']!r}; its members: "
                          f"{', '.join(sorted(names))}")
+    wanted = [m for m in plan["members"] if (not only or m["name"] in only) and member_state(m) != "finished"]
+    if wanted:
+        code = write_inits({**plan, "members": wanted}, Path(wanted[0]["dir"]).parent.parent, python=python, env=env)
+        if code != 0:
+            logger.error("study %s: `olmoe study init` exited %d; no member ran", plan["study"], code)
+            return [MemberOutcome("init", "failed", code, 0.0)]
     outcomes = []
     for member in plan["members"]:
         if only and member["name"] not in only:

@@ -10,6 +10,7 @@
     eval: {interval: 100, datasets: [{name: heldout, share: 0.01}]}   # EvalConfig, the same for all
     launch: {nproc: 1}           # local processes per member (default: the layout's smallest world)
     loss_tolerance: 1.0e-4       # optional: per-step train losses must agree to this (layout studies)
+    same_init: true              # optional: every member starts from one set of initial weights per seed
     recipes: [ablation_8e_top1, ablation_64e_top8]
     variants: {base: {}, lr2e-3: {train.lr: 2.0e-3}}   # optional: crossed with `recipes`
 
@@ -49,6 +50,7 @@ TOP_KEYS = {
     "eval": "EvalConfig fields applied to every member (the same held-out sets for all)",
     "launch": "{nproc: N}: local processes per member",
     "loss_tolerance": "per-step train losses of all members must agree to this (layout studies)",
+    "same_init": "true: every member of a seed starts from the same initial weights, written once (layout studies)",
     "recipes": "recipe names crossed with `variants` (or give `members`)",
     "variants": "named override sets crossed with `recipes`",
     "members": "explicit members: [{name, recipe, overrides, nproc}]",
@@ -94,6 +96,10 @@ class StudySpec:
     source: str
     lines: dict[tuple, int]
     """(key path) -> line of the file, for messages that point into it."""
+    same_init: bool = False
+    """Every member of a seed loads one set of initial weights (written once, in a world of one
+    process, by `olmoe study init`) instead of drawing its own: layouts that initialise differently
+    (Megatron seeds experts per EP rank and each pipeline stage on its own stream) then start equal."""
 
     def where(self, *path: Any) -> str:
         """'file:line' of the deepest known prefix of `path`."""
@@ -226,12 +232,16 @@ def parse_study(path: str | Path) -> StudySpec:
     if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0):
         raise StudyError(f"{where('loss_tolerance')}: loss_tolerance={tolerance!r} must be a number >= 0, e.g. 1.0e-4")
 
+    same_init = data.get("same_init", False)
+    if not isinstance(same_init, bool):
+        raise StudyError(f"{where('same_init')}: same_init={same_init!r} must be true or false")
+
     members = _members(data, where=where)
     return StudySpec(
         name=name, description=str(data.get("description", "")), budget_kind=budget_kind, budget=budget,
         seeds=tuple(seeds), data_seed=data_seed, fit_schedule=fit_schedule, overrides=overrides,
         eval=eval_section, nproc=nproc, loss_tolerance=None if tolerance is None else float(tolerance),
-        members=members, source=source, lines=lines,
+        members=members, source=source, lines=lines, same_init=same_init,
     )
 
 

@@ -157,14 +157,13 @@ class DistributedPool:
 _POOLS: dict[int, DistributedPool] = {}
 
 
-_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def standalone_env(**overrides: str) -> dict[str, str]:
     """This process's environment without torch.distributed's rendezvous variables, plus `overrides`:
     for a child process that must start its own world (a test process that converted a checkpoint
     holds a world of one on MASTER_PORT, which a child inheriting it would try to bind again)."""
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    from olmoe_megatron.parallel.context import without_rendezvous
+
+    env = without_rendezvous(dict(os.environ))
     env.update(overrides)
     return env
 

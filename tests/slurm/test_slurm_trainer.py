@@ -2,7 +2,9 @@
 
 1. olmoe_tiny on 2 nodes x 2 processes completes and its losses equal a local torchrun run;
 2. `scancel --signal=USR1` mid-run -> checkpoint, exit 75 -> requeue -> resume -> the same losses;
-3. a sweep over three layouts completes and `olmoe sweep report` tabulates it.
+3. a sweep over three layouts completes and `olmoe sweep report` tabulates it;
+4. a study with shared initial weights as one init job and one array depending on it
+   (`olmoe study submit`): the expert-parallel member's losses equal the data-parallel one's.
 
 The contract with the trainer these tests rely on: `olmoe train --recipe NAME --train.max_steps=N
 --checkpoint.dir=DIR --metrics.jsonl=PATH` runs as one rank of a torch.distributed job (RANK,
@@ -146,3 +148,38 @@ def test_sweep_over_three_layouts_and_report(tmp_path):
     assert len(rows) == 3, rows
     for row in rows:
         assert row["num_steps"] == 4 and row["tokens_per_s"] > 0 and row["peak_mem_bytes"] > 0, row
+
+
+STUDY = """
+name: slurm_layouts
+steps: 3
+fit_schedule: false
+same_init: true
+launch: {nproc: 2}
+overrides: {precision.dtype: fp32, train.micro_batch_size: 1}
+members:
+  - {name: dp2, recipe: olmoe_tiny}
+  - {name: ep2, recipe: olmoe_tiny, overrides: {parallel.expert_parallel: 2}}
+"""
+
+
+def test_study_with_shared_init_as_a_slurm_array(tmp_path):
+    study_file, study_dir = tmp_path / "layouts.yaml", tmp_path / "study"
+    study_file.write_text(STUDY)
+    cmd = [OLMOE, "study", "submit", str(study_file), "--dir", str(study_dir), "--nodes", "1", "--gpus-per-node", "0",
+           "--nproc-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_SUBMIT_ENV)
+    assert result.returncode == 0, result.stderr
+    init_id, array_id = result.stdout.split()
+    assert f"after job {init_id}" in result.stderr
+    init = wait_for_job(init_id, timeout_s=300, log=next(iter((study_dir / "slurm").glob("*-init-*.out")), None))
+    assert [r["JobState"] for r in init] == ["COMPLETED"], init
+    assert (study_dir / "init" / "seed1234" / "study_init.json").is_file()
+    records = wait_for_job(array_id, timeout_s=420, log=study_dir / "slurm" / f"study-slurm_layouts-{array_id}_0.out")
+    assert sorted(r["JobState"] for r in records) == ["COMPLETED"] * 2, records
+    for name in ("dp2", "ep2"):
+        assert json.loads((study_dir / "members" / name / "done.json").read_text())["exit_code"] == 0
+    dp2, ep2 = (_losses(study_dir / "members" / n / "metrics.jsonl") for n in ("dp2", "ep2"))
+    assert sorted(dp2) == [1, 2, 3] and max(abs(dp2[s] - ep2[s]) for s in dp2) < 1e-5, (dp2, ep2)
+    status = subprocess.run([OLMOE, "study", "status", str(study_dir)], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and status.stdout.count("finished") == 2, status.stdout

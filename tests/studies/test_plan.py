@@ -139,3 +139,83 @@ def test_slurm_array_over_unfinished_members(write_study, tmp_path, capsys):
     # A member that does not fit the job's world size is refused before anything is rendered.
     assert main(argv[:7] + ["--nproc-per-node", "3", "--dry-run"]) == 2
     assert "member 'b' on 3 ranks" in capsys.readouterr().err
+
+
+SAME_INIT = """
+tokens: 102400
+seeds: [1, 2]
+same_init: true
+launch: {nproc: 2}
+overrides: {train.micro_batch_size: 2}
+members:
+  - {name: dp2, recipe: ablation_64e_top8}
+  - {name: ep2, recipe: ablation_64e_top8, overrides: {parallel.expert_parallel: 2}}
+"""
+
+
+def test_same_init_gives_every_member_of_a_seed_one_initial_checkpoint(write_study, tmp_path):
+    from olmoe_megatron.studies.init import pending_inits
+
+    plan = resolve_study(parse_study(write_study(SAME_INIT)), study_dir=tmp_path / "out")
+    init = (tmp_path / "out" / "init").resolve()
+    assert {m.name: m.config.checkpoint.init_from for m in plan.members} == {
+        "dp2-seed1": str(init / "seed1"), "ep2-seed1": str(init / "seed1"),
+        "dp2-seed2": str(init / "seed2"), "ep2-seed2": str(init / "seed2")}
+    write_plan(plan)
+    written = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert written["same_init"] is True
+    # One init per seed, written from the first member of that seed; a written one is not pending.
+    assert {d: m["name"] for d, m in pending_inits(written).items()} == {
+        str(init / "seed1"): "dp2-seed1", str(init / "seed2"): "dp2-seed2"}
+    (init / "seed1").mkdir(parents=True)
+    assert list(pending_inits(written)) == [str(init / "seed2")]
+    # Without same_init nobody owns checkpoint.init_from and members draw their own weights.
+    plain = resolve_study(parse_study(write_study(SAME_INIT.replace("same_init: true", "same_init: false"))),
+                          study_dir=tmp_path / "plain")
+    assert {m.config.checkpoint.init_from for m in plain.members} == {None}
+    assert pending_inits(plain.to_dict()) == {}
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.replace("same_init: true", "same_init: yes please"), r"study.yaml:3: same_init='yes please' must be true or false"),
+    (lambda t: t.replace("train.micro_batch_size: 2}", "train.micro_batch_size: 2, checkpoint.init_from: /w}"),
+     r"study.yaml:5: override checkpoint.init_from='/w' is set by the study; use the study's initial weights"),
+    (lambda t: t.replace("recipe: ablation_64e_top8, overrides", "recipe: ablation_8e_top1, overrides"),
+     r"study.yaml:3: same_init gives members 'dp2-seed1' and 'ep2-seed1' one set of initial weights, but their "
+     r"model differs \(model.expert_ffn_hidden_size: 64 vs 512; model.num_experts: 64 vs 8"),
+    (lambda t: t.replace("{name: dp2, recipe: ablation_64e_top8}", "{name: up, recipe: ablation_upcycled}"),
+     r"member 'up-seed1' \(recipe ablation_upcycled\): the recipe starts from checkpoint.init_from="),
+])
+def test_same_init_rules(write_study, tmp_path, edit, match):
+    with pytest.raises(StudyError, match=match):
+        resolve_study(parse_study(write_study(edit(SAME_INIT))), study_dir=tmp_path / "out")
+
+
+def test_slurm_submit_writes_the_init_first_and_the_array_depends_on_it(write_study, tmp_path, capsys, monkeypatch):
+    from olmoe_megatron.launcher.cli import main
+
+    calls = tmp_path / "sbatch-calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nwc -l < {calls} | tr -d " "\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    study_dir = tmp_path / "out"
+    argv = ["study", "submit", str(write_study(SAME_INIT)), "--dir", str(study_dir), "--nodes", "1",
+            "--gpus-per-node", "0", "--nproc-per-node", "2"]
+    assert main(argv + ["--dry-run"]) == 0
+    script = capsys.readouterr().out
+    init_script, array_script = script.split("# --- then, with --dependency=afterok:")
+    assert f"olmoe study init {study_dir.resolve()}" in init_script and "--array" not in init_script
+    assert "#SBATCH --nodes=1" in init_script and "export OLMOE_NPROC_PER_NODE=1" in init_script
+    assert "#SBATCH --array=0-3" in array_script and "olmoe study train-member" in array_script
+    assert main(argv) == 0
+    first, second = calls.read_text().splitlines()
+    assert first == f"--parsable {study_dir.resolve() / 'slurm' / 'study-init.sbatch'}"
+    assert second == f"--parsable --dependency=afterok:1 --kill-on-invalid-dep=yes {study_dir.resolve() / 'slurm' / 'study.sbatch'}"
+    assert capsys.readouterr().out.split() == ["1", "2"]
+    # Once the initial weights exist, a resubmission is the array alone.
+    for seed in (1, 2):
+        (study_dir / "init" / f"seed{seed}").mkdir(parents=True)
+    assert main(argv) == 0
+    assert calls.read_text().splitlines()[2] == f"--parsable {study_dir.resolve() / 'slurm' / 'study.sbatch'}"

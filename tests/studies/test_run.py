@@ -50,3 +50,45 @@ def test_local_run_skips_finished_and_resumes(write_study, tmp_path):
     resumed = run_local(plan_dict, only=["ran"], env=env)
     assert [(o.name, o.state) for o in resumed] == [("ran", "finished")]
     assert [r["step"] for r in read_metrics(ran.metrics_file)] == [1, 2]
+
+
+def test_same_init_layouts_start_equal(write_study, tmp_path, capsys):
+    """same_init: the study writes one initial checkpoint and an expert-parallel member, which would
+    draw other expert weights on its own, trains the data-parallel member's losses step for step."""
+    from olmoe_megatron.launcher.cli import main
+    from olmoe_megatron.studies.init import INIT_FILE
+
+    corpus = write_synthetic_corpus(tmp_path / "corpus")
+    path = write_study(f"""
+        name: tiny_layouts
+        steps: 2
+        fit_schedule: false
+        same_init: true
+        launch: {{nproc: 2}}
+        overrides:
+          precision.dtype: fp32
+          train.micro_batch_size: 1
+          data.paths: [{corpus}]
+          data.demo_corpus: false
+          data.cache_dir: {tmp_path / 'index'}
+        members:
+          - {{name: dp2, recipe: olmoe_tiny}}
+          - {{name: ep2, recipe: olmoe_tiny, overrides: {{parallel.expert_parallel: 2}}}}
+        """)
+    study_dir = tmp_path / "study"
+    plan = resolve_study(parse_study(path), study_dir=study_dir)
+    write_plan(plan)
+    dp2, ep2 = plan.members
+    # A member started before the initial weights exist is refused with the command that writes them.
+    assert main(["study", "train-member", "--recipe", "olmoe_tiny", "--config", str(ep2.member_file)]) == 2
+    assert f"run `olmoe study init {study_dir.resolve()}` first" in capsys.readouterr().err
+    assert not ep2.metrics_file.exists()
+
+    outcomes = run_local(json.loads((study_dir / "plan.json").read_text()), env=standalone_env(OMP_NUM_THREADS="1"))
+    assert [(o.name, o.state) for o in outcomes] == [("dp2", "finished"), ("ep2", "finished")]
+    record = json.loads((study_dir / "init" / "seed1234" / INIT_FILE).read_text())
+    assert record["seed"] == 1234 and record["member"] == "dp2"
+    dp2_losses = [r["lm_loss"] for r in read_metrics(dp2.metrics_file)]
+    ep2_losses = [r["lm_loss"] for r in read_metrics(ep2.metrics_file)]
+    assert len(dp2_losses) == 2
+    assert max(abs(a - b) for a, b in zip(dp2_losses, ep2_losses)) < 1e-5, (dp2_losses, ep2_losses)
