@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 import warnings
+from pathlib import Path
 
 from olmoe_megatron.config import ConfigError
 from olmoe_megatron.launcher import commands
@@ -78,5 +80,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+#: Set by `olmoe launch` for its ranks: a directory where each rank records its exit code, because
+#: torchrun reports any nonzero rank exit as 1 (75, requeue, and 76, non-finite, would be lost).
+EXIT_DIR_ENV = "OLMOE_LAUNCH_EXIT_DIR"
+
+
+def _record_exit(code: int) -> None:
+    directory = os.environ.get(EXIT_DIR_ENV)
+    if directory and "RANK" in os.environ:
+        try:
+            (Path(directory) / f"rank_{int(os.environ['RANK'])}").write_text(f"{code}\n")
+        except (OSError, ValueError):
+            pass  # the launcher then reports torchrun's own code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = 1
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
+    finally:
+        _record_exit(code)
+    sys.exit(code)

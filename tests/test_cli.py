@@ -60,3 +60,76 @@ def test_first_screen_has_no_known_megatron_noise(tmp_path):
     for noise in ("Apex is not installed. Falling back to Torch Norm", "full scope is deprecated",
                   "Unknown MLP type", "The .grad attribute of a Tensor that is not a leaf"):
         assert noise not in screen, noise
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["launch", "-n", "0", "--", "train"], "-n/--nproc-per-node=0 must be at least 1"),
+    (["launch", "-n", "-1", "--", "train"], "-n/--nproc-per-node=-1 must be at least 1"),
+    (["launch", "--threads-per-proc", "0", "--", "train"], "--threads-per-proc=0 must be at least 1"),
+])
+def test_launch_refuses_a_bad_process_count(capsys, argv, match):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+CHILD = """
+import pathlib, signal, sys, time
+marker = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    marker.write_text(signal.Signals(signum).name)
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGUSR1, stop)
+marker.with_suffix(".ready").write_text("")
+time.sleep(60)
+"""
+
+LAUNCHER = """
+import sys
+from olmoe_megatron.launcher.commands.launch import run_forwarding_signals
+sys.exit(run_forwarding_signals([sys.executable, sys.argv[1], sys.argv[2]], env=dict(__import__("os").environ)))
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_launch_passes_signals_on_and_returns_the_childs_code(tmp_path, signame):
+    """A scheduler's SIGTERM (or Slurm's SIGUSR1) to `olmoe launch` reaches torchrun and the ranks:
+    the launcher waits for them and exits with their code instead of leaving them running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "child.py").write_text(CHILD)
+    (tmp_path / "launcher.py").write_text(LAUNCHER)
+    marker = tmp_path / "got"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "child.py"), str(marker)])
+    deadline = time.monotonic() + 60
+    while not marker.with_suffix(".ready").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the child never started"
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signame))
+    assert proc.wait(timeout=30) == 75
+    assert marker.read_text() == signame
+
+
+def test_each_rank_records_its_exit_code_for_the_launcher(tmp_path):
+    """torchrun reports any failing rank as 1; `olmoe launch` returns the ranks' own code (75 after
+    a stop signal, 76 after non-finite losses) when every rank recorded the same one."""
+    import os
+    import subprocess
+    import sys
+
+    from olmoe_megatron.launcher.commands.launch import ranks_exit_code
+
+    env = {**os.environ, "OLMOE_LAUNCH_EXIT_DIR": str(tmp_path), "RANK": "1"}
+    result = subprocess.run([sys.executable, "-m", "olmoe_megatron.launcher.cli", "dry-run", "--recipe", "no_such"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and (tmp_path / "rank_1").read_text() == "2\n"
+    (tmp_path / "rank_0").write_text("2\n")
+    assert ranks_exit_code(tmp_path, 2, default=1) == 2
+    (tmp_path / "rank_0").write_text("75\n")
+    assert ranks_exit_code(tmp_path, 2, default=1) == 1  # the ranks disagree: torchrun's code
+    (tmp_path / "rank_1").write_text("75\n")
+    assert ranks_exit_code(tmp_path, 2, default=1) == 75
+    assert ranks_exit_code(tmp_path, 3, default=1) == 1  # rank 2 recorded nothing (killed)

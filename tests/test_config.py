@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from olmoe_megatron.config import ConfigError
-from olmoe_megatron.config.base import dump_yaml, load_yaml
+from olmoe_megatron.config.base import dump_yaml, load_yaml, read_yaml_mapping
 from olmoe_megatron.launcher.run_args import resolve_run_config
 from olmoe_megatron.recipes import get_recipe, list_recipes
 from olmoe_megatron.run_config import RunConfig
@@ -166,3 +166,30 @@ def test_overlap_on_in_the_gpu_recipe_and_cpu_recipes_unchanged():
         assert not train.overlap_grad_reduce and not train.overlap_param_gather, name
     with pytest.raises(ConfigError, match=r"train.ddp_bucket_size=0 must be >= 1"):
         get_recipe("olmoe_1b_7b").with_overrides(["train.ddp_bucket_size=0"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.lr=nan", r"train.lr='nan' must be a finite number \(it reads as nan\)"),
+    ("train.lr=inf", r"train.lr='inf' must be a finite number \(it reads as inf\)"),
+    ("train.lr=.inf", r"train.lr=inf must be a finite number"),
+    ("train.max_steps=nan", r"train.max_steps='nan' must be a finite integer"),
+    ("train.max_steps=1e400", r"train.max_steps='1e400' must be a finite integer \(it reads as inf\)"),
+    ("train.seed=inf", r"train.seed='inf' must be a finite integer"),
+    ("checkpoint.dir=", r"checkpoint.dir='' is empty; give a path, or null for none"),
+    ("checkpoint.load=", r"checkpoint.load='' is empty"),
+])
+def test_non_finite_numbers_and_empty_paths_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match):
+        get_recipe("olmoe_tiny").with_overrides([override])
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path):
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("train:\n  lr: 1.0e-3\n  max_steps: 4\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:4: key 'lr' is given twice \(first at line 2\)"):
+        load_yaml(RunConfig, run_file)
+    with pytest.raises(ConfigError, match=r"config file .* is a directory; give the YAML run file"):
+        load_yaml(RunConfig, tmp_path)
+    # The same key in two different mappings is fine.
+    run_file.write_text("train: {seed: 3}\ndata: {seed: 4}\n")
+    assert read_yaml_mapping(run_file) == {"train": {"seed": 3}, "data": {"seed": 4}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -145,6 +146,8 @@ def _coerce(value: Any, annotation: Any, *, path: str) -> Any:
             as_float = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}={value!r} must be an integer") from None
+        if not math.isfinite(as_float):
+            raise ConfigError(f"{path}={value!r} must be a finite integer (it reads as {as_float}), e.g. 1000")
         if as_float != int(as_float):
             raise ConfigError(f"{path}={value!r} must be an integer")
         return int(as_float)
@@ -152,9 +155,12 @@ def _coerce(value: Any, annotation: Any, *, path: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{path}={value!r} must be a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}={value!r} must be a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}={value!r} must be a finite number (it reads as {number}), e.g. 4e-4")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -220,13 +226,42 @@ def apply_overrides(cfg: C, overrides: list[str] | dict[str, Any]) -> C:
     return config_from_dict(type(cfg), data)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a key given twice (PyYAML keeps the last)."""
+
+    source = "<yaml>"
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: SafeLoader raises its own error for it
+                continue
+            if first != line:
+                raise ConfigError(f"{self.source}:{line}: key {key!r} is given twice (first at line {first}); "
+                                  "YAML would silently keep the last one: keep one of them")
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str, *, source: str = "<yaml>") -> Any:
+    """yaml.safe_load, except that a key given twice in one mapping raises ConfigError naming
+    source:line (a YAML run file where the later value would otherwise silently win)."""
+    loader = type("_Loader", (_UniqueKeyLoader,), {"source": source})
+    return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file; a missing file, bad YAML or a non-mapping raise ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give the YAML run file (e.g. {path}/run.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_unique(path.read_text(), source=str(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from olmoe_megatron.config import ConfigError
+from olmoe_megatron.config.base import safe_load_unique
 
 #: The keys a study file may hold, each with what it means (also the error message's list).
 TOP_KEYS = {
@@ -183,7 +184,7 @@ def parse_study(path: str | Path) -> StudySpec:
     source = str(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = safe_load_unique(text, source=source)
     except yaml.YAMLError as exc:
         raise StudyError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

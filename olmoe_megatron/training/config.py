@@ -186,6 +186,11 @@ class CheckpointConfig(Config):
             raise ConfigError(
                 f"checkpoint.optimizer_mem_efficient=true applies to checkpoint.optimizer_format='fully_reshardable', "
                 f"not {self.optimizer_format!r} (which gathers nothing); drop optimizer_mem_efficient")
+        for name in ("dir", "load", "init_from"):
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.strip():
+                raise ConfigError(f"checkpoint.{name}={value!r} is empty; give a path, or null for none "
+                                  f"(--checkpoint.{name}=null)")
         if self.save_interval < 1:
             raise ConfigError(f"checkpoint.save_interval={self.save_interval} must be >= 1")
         if self.keep_last < 0:
