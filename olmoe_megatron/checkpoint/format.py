@@ -12,6 +12,7 @@ when the source had one, the tokenizer files in `hf_tokenizer/`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from olmoe_megatron.config.base import Config, dump_yaml, load_yaml
@@ -31,6 +32,10 @@ class CheckpointFormatError(FileNotFoundError):
     """
 
 
+#: A step directory's name (step_dir_name), the only thing `latest` may hold.
+STEP_NAME = re.compile(r"step_[0-9]{7,}")
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
@@ -40,9 +45,19 @@ def read_latest(root: str | Path) -> Path | None:
     pointer = Path(root) / LATEST
     if not pointer.is_file():
         return None
-    target = Path(root) / pointer.read_text().strip()
+    fix = (f"write the name of the newest complete step directory of {root} into it (e.g. step_0000100), "
+           "or remove it to start the run over")
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(f"{pointer} cannot be read as a step directory name ({exc}); {fix}") from None
+    if not STEP_NAME.fullmatch(name):
+        # Also what keeps `latest` inside its root: '../elsewhere/step_0000002' is no step name.
+        raise CheckpointFormatError(f"{pointer} holds {name[:80]!r}, not a step directory name like "
+                                    f"step_0000100; {fix}")
+    target = Path(root) / name
     if not target.is_dir():
-        raise CheckpointFormatError(f"{pointer} names {target.name}, which does not exist")
+        raise CheckpointFormatError(f"{pointer} names {name}, which does not exist in {root}; {fix}")
     return target
 
 

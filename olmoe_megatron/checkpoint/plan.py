@@ -84,4 +84,7 @@ def _resolve(spec: str, *, field: str) -> Path:
     path = follow_latest(spec)
     if not path.exists():
         raise CheckpointFormatError(f"{field}={spec!r}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointFormatError(f"{field}={spec!r} is a file, not a checkpoint directory; give the checkpoint "
+                                    "root (with its `latest`) or one of its step_XXXXXXX directories")
     return path

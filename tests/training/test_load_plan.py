@@ -81,3 +81,29 @@ def test_a_dangling_latest_is_an_error(tmp_path):
         read_latest(tmp_path)
     with pytest.raises(FileNotFoundError, match="which does not exist"):
         plan_load(CheckpointConfig(dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("content, match", [
+    ("", r"latest holds '', not a step directory name like step_0000100"),
+    ("garbage\n", r"latest holds 'garbage', not a step directory name"),
+    ("../outside/step_0000002\n", r"latest holds '../outside/step_0000002', not a step directory name"),
+    (b"\xff\xfe\x00", r"latest cannot be read as a step directory name"),
+])
+def test_a_latest_that_names_no_step_directory_is_an_error_with_the_fix(tmp_path, content, match):
+    (tmp_path / "outside" / "step_0000002").mkdir(parents=True)
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    pointer = root / "latest"
+    pointer.write_bytes(content) if isinstance(content, bytes) else pointer.write_text(content)
+    with pytest.raises(CheckpointFormatError, match=match + r".*write the name of the newest complete step directory"):
+        read_latest(root)
+    with pytest.raises(CheckpointFormatError, match=match):
+        plan_load(CheckpointConfig(dir=str(root)))
+
+
+def test_a_file_named_as_the_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "ck").write_text("not a checkpoint")
+    with pytest.raises(CheckpointFormatError, match=r"checkpoint.load='.*ck' is a file, not a checkpoint directory"):
+        plan_load(CheckpointConfig(load=str(tmp_path / "ck")))
+    with pytest.raises(CheckpointFormatError, match=r"checkpoint.init_from='.*ck' is a file"):
+        plan_load(CheckpointConfig(dir=str(tmp_path / "run"), init_from=str(tmp_path / "ck")))

@@ -217,17 +217,20 @@ def test_non_finite_losses_skip_then_stop(pool1, corpus, tmp_path):
 
 
 def test_reshard_checkpoint_into_other_layouts(pool1, corpus, tmp_path):
-    """Saved by TP2+EP2+PP2 (4 ranks) at step 3; loaded with its optimizer state by EP4 and
-    PP2+VPP2+EP2, the next steps' losses equal the uninterrupted run's. A single process (no
+    """Saved by TP2+EP2+PP2 (4 ranks) at step 3 of a 5-step run; loaded with its optimizer state by
+    EP4 and PP2+VPP2+EP2, the next steps' losses equal that run's steps 4 and 5. A single process (no
     expert parallelism: Megatron puts experts in the dense optimizer) refuses the optimizer state
     with a clear error and loads the weights alone."""
     pool4 = get_pool(4)
     source = {"tensor_parallel": 2, "expert_parallel": 2, "expert_tensor_parallel": 1, "pipeline_parallel": 2,
               "sequence_parallel": True}
-    straight, saved = tmp_path / "straight", tmp_path / "saved"
+    straight = tmp_path / "straight"
+    step3 = straight / "ckpt" / "step_0000003"
     try:
-        assert pool4.run(train_run, tiny_run(corpus, straight, steps=5, layout=source)) == [0] * 4
-        assert pool4.run(train_run, tiny_run(corpus, saved, steps=3, layout=source)) == [0] * 4
+        run = tiny_run(corpus, straight, steps=5, layout=source)
+        run["checkpoint"].update(save_interval=3)  # saves at step 3, and at the end
+        assert pool4.run(train_run, run) == [0] * 4
+        assert (straight / "ckpt" / "latest").read_text().strip() == "step_0000005" and step3.is_dir()
         expected = losses(straight)
         targets = {
             "ep4": {"expert_parallel": 4},
@@ -235,7 +238,7 @@ def test_reshard_checkpoint_into_other_layouts(pool1, corpus, tmp_path):
         }
         for name, layout in targets.items():
             run = tiny_run(corpus, tmp_path / name, steps=5, layout=layout,
-                           checkpoint={"load": str(saved / "ckpt")})
+                           checkpoint={"load": str(step3)})
             assert pool4.run(train_run, run) == [0] * 4
             got = losses(tmp_path / name)
             assert list(got) == [4, 5], f"{name} did not resume at step 4"
@@ -244,10 +247,10 @@ def test_reshard_checkpoint_into_other_layouts(pool1, corpus, tmp_path):
     finally:
         pool4.close()
     with pytest.raises(Exception, match=r"checkpoint.load_optimizer=false"):
-        pool1.run(train_run, tiny_run(corpus, tmp_path / "single", steps=4, checkpoint={"load": str(saved / "ckpt")}))
+        pool1.run(train_run, tiny_run(corpus, tmp_path / "single", steps=4, checkpoint={"load": str(step3)}))
     pool1 = get_pool(1)
     run = tiny_run(corpus, tmp_path / "single_weights", steps=1,
-                   checkpoint={"load": str(saved / "ckpt"), "load_optimizer": False})
+                   checkpoint={"load": str(step3), "load_optimizer": False})
     assert pool1.run(train_run, run) == [0]
     # weights only: training restarts at step 1 on the first batch, from the step-3 weights
     assert losses(tmp_path / "single_weights")[1] < expected[1] - 0.1
