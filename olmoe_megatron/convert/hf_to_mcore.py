@@ -125,7 +125,7 @@ def hf_to_mcore(
     chunk = mcore_io.build_empty_model(model, dtype=torch_dtype)
     params = dict(chunk.named_parameters())
     filled: set[str] = set()
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(hf_dir,)) as tmp:
         non_layer = reader.read(hf_mapping.hf_non_layer_shapes(model, vocab_rows=model.vocab_size))
         tensors = _pad_vocab(hf_mapping.non_layer_from_hf(non_layer), model.padded_vocab_size)
         mcore_io.fill_parameters(params, tensors, what="embeddings and head")

@@ -77,7 +77,7 @@ def mcore_to_hf(
     sharded = chunk.sharded_state_dict()
     mcore_io.check_checkpoint_shapes(directory, sharded)
     outside, layers = mcore_io.group_sharded_by_layer(sharded)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(ckpt, directory)) as tmp:
         writer = HFShardWriter(tmp, num_shards=model.num_layers + 1)
         for i in range(model.num_layers):
             loaded = mcore_io.load_entries(directory, layers[i], dtype=dtype)

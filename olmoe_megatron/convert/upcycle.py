@@ -134,7 +134,7 @@ def upcycle(
     filled: set[str] = set()
     generator = torch.Generator().manual_seed(seed)
     scale = expert_output_scale(method=method, num_experts=num_experts, top_k=top_k)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(dense_ckpt, directory)) as tmp:
         loaded = mcore_io.load_entries(directory, outside, dtype=dtype)
         mcore_io.fill_parameters(params, loaded, what="embeddings and head")
         filled.update(loaded)

@@ -121,3 +121,20 @@ def test_failure_inside_the_output_block_leaves_nothing(tmp_path):
             (tmp / "half.safetensors").write_bytes(b"x")
             raise RuntimeError("killed mid-way")
     _assert_nothing_written(tmp_path / "out")
+
+
+def test_output_equal_to_inside_or_around_the_input_is_refused(converted, hf_copy, tmp_path):
+    """`--out` the input itself (with --overwrite: replaced), inside it, or holding it: refused, the
+    input untouched."""
+    _, _, ckpt = converted["olmoe_tiny"]
+    before = {p.name: p.read_bytes() for p in hf_copy.iterdir() if p.is_file()}
+    with pytest.raises(ConversionError, match=r"--out .*hf is the input .*hf: writing it would replace"):
+        hf_to_mcore(hf_copy, hf_copy, overwrite=True)
+    with pytest.raises(ConversionError, match=r"--out .*hf/mcore lies inside the input"):
+        hf_to_mcore(hf_copy, hf_copy / "mcore")
+    assert {p.name: p.read_bytes() for p in hf_copy.iterdir() if p.is_file()} == before
+    copy = tmp_path / "root" / "step_0000001"
+    shutil.copytree(ckpt, copy)
+    with pytest.raises(ConversionError, match=r"--out .*root contains the input"):
+        mcore_to_hf(copy, tmp_path / "root", overwrite=True)
+    assert (copy / "metadata.json").is_file() or any(copy.iterdir())
