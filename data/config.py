@@ -136,5 +136,11 @@ class DataConfig(Config):
                                   index_cache_dir=npy_cache) for item in items]
             else:
                 files = [megatron_file(item) for item in items]
+            if sum(f.num_tokens for f in files) == 0:
+                from olmoe_megatron.data.errors import DataError
+
+                raise DataError(f"data.paths entry {path!r} holds 0 tokens ({len(files)} file(s): "
+                                f"{', '.join(f.raw_path for f in files[:3])}); it cannot be sampled from: remove it "
+                                "or tokenize input that has text")
             groups.append(tuple(files))
         return tuple(groups)

@@ -146,6 +146,14 @@ def tokenize(config: TokenizeConfig) -> dict:
     for record in _run_jobs(todo, config.num_workers or os.cpu_count() or 1):
         records[record["index"]] = record
     shards = [records[job.index] for job in jobs]
+    if sum(s["tokens"] for s in shards) == 0:
+        for job in jobs:  # nothing worth keeping: no manifest, no empty shards
+            for suffix in (".bin", ".idx", ".json"):
+                Path(f"{job.prefix}{suffix}").unlink(missing_ok=True)
+        skipped = sum(s.get("empty_documents_skipped", 0) for s in shards)
+        raise DataError(f"tokenize: {len(files)} input file(s) ({', '.join(map(str, files[:3]))}) hold no text in "
+                        f"field {config.text_field!r} ({skipped} empty documents skipped): nothing to train on; "
+                        "check the files and --text-field")
     manifest = {
         "version": MANIFEST_VERSION,
         "format": "megatron",

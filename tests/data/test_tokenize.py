@@ -124,3 +124,29 @@ def test_dtype_rule_follows_megatron():
     assert token_dtype_for_vocab(50280) == np.uint16
     assert token_dtype_for_vocab(65499) == np.uint16
     assert token_dtype_for_vocab(65500) == np.int32
+
+
+@pytest.mark.parametrize("content", ["", '{"text": ""}\n{"text": ""}\n'])
+def test_input_without_text_is_an_error_and_leaves_nothing(tmp_path, tiny_tokenizer, content):
+    from olmoe_megatron.data.errors import DataError
+
+    source = tmp_path / "empty.jsonl"
+    source.write_text(content)
+    prefix = str(tmp_path / "out" / "c")
+    with pytest.raises(DataError, match=r"tokenize: 1 input file\(s\) \(.*empty.jsonl\) hold no text in field 'text'"):
+        tokenize(TokenizeConfig(inputs=(str(source),), output_prefix=prefix, tokenizer=tiny_tokenizer, num_workers=1))
+    assert not os.path.exists(manifest_path(prefix))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_data_path_with_no_tokens_is_refused_before_training(tmp_path):
+    """A 0-token Megatron file (e.g. tokenized from empty input by another tool) is refused with
+    its path when the dataset is built; training on it died of ZeroDivisionError."""
+    from olmoe_megatron.data.config import DataConfig
+    from olmoe_megatron.data.errors import DataError
+    from olmoe_megatron.data.megatron_format import ShardWriter
+
+    prefix = str(tmp_path / "zero")
+    ShardWriter(prefix, np.uint16).finish()
+    with pytest.raises(DataError, match=r"data.paths entry '.*zero' holds 0 tokens"):
+        DataConfig(paths=(prefix,), demo_corpus=False).token_groups(cache_dir=tmp_path / "cache")
