@@ -237,14 +237,31 @@ def render_sbatch(
     return "\n".join(lines) + "\n" + body
 
 
-def read_sweep_entries(path: Path) -> list[list[str]]:
-    """The entries of a sweep file as slurm/sweep.sbatch reads them: one per non-blank line that
-    does not start with #, split on whitespace."""
+def read_sweep_text(path: Path) -> str:
+    """The sweep file's text; a missing, unreadable or non-UTF-8 file raises ConfigError."""
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} does not exist; write one layout or recipe per line")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the sweep "
+                          "file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"sweep file {str(path)!r} cannot be read: {exc}") from None
+
+
+def sweep_entries(text: str) -> list[tuple[int, list[str]]]:
+    """(line number, tokens) of each entry, as slurm/sweep.sbatch reads them: one per non-blank line
+    that does not start with #, split on whitespace; array task i runs entry i."""
     entries = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):
-            entries.append(stripped.split())
+            entries.append((number, stripped.split()))
     return entries
+
+
+def read_sweep_entries(path: Path) -> list[list[str]]:
+    """The entries of a sweep file (sweep_entries of read_sweep_text), without line numbers."""
+    return [tokens for _, tokens in sweep_entries(read_sweep_text(path))]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ from olmoe_megatron.config import ConfigError
 from olmoe_megatron.launcher.slurm_render import (
     SlurmJobConfig,
     default_slurm_dir,
-    read_sweep_entries,
+    read_sweep_text,
     render_sbatch,
+    sweep_entries,
 )
 
 NAME = "slurm"
@@ -110,11 +112,25 @@ def _venv(args: argparse.Namespace) -> str | None:
     return sys.prefix
 
 
-def prepare(args: argparse.Namespace) -> tuple[SlurmJobConfig, str]:
+def _snapshot_sweep(text: str, path: Path) -> Path:
+    """Writes the checked sweep text to `path` (atomically) and returns it."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def prepare(args: argparse.Namespace, *, snapshot: bool = False) -> tuple[SlurmJobConfig, str]:
     """Checks the run against the world size and renders its script: (job config, script text).
 
     Args:
         args: the parsed `olmoe slurm` arguments, with `args.overrides`.
+        snapshot: copy the checked sweep file into the log directory and render the script over
+            the copy (what `submit` does, so an edit after submitting cannot reach the job).
     """
     overrides = list(args.overrides)
     # Every SlurmJobConfig field has a command-line option of the same name.
@@ -128,14 +144,19 @@ def prepare(args: argparse.Namespace) -> tuple[SlurmJobConfig, str]:
     sweep_file, num_entries = None, None
     if args.sweep is not None:
         sweep_file = args.sweep.resolve()
-        entries = read_sweep_entries(sweep_file)
-        for index, entry in enumerate(entries):
+        text = read_sweep_text(sweep_file)
+        entries = sweep_entries(text)
+        for index, (line, entry) in enumerate(entries):
             recipe, entry_overrides = _split_recipe(entry, args.recipe)
             try:
                 check_world_size(recipe, overrides + entry_overrides, job.world_size, backend=backend)
             except ConfigError as exc:
-                raise ConfigError(f"sweep entry {index} ({' '.join(entry)}): {exc}") from None
+                raise ConfigError(f"{sweep_file}:{line} (array task {index}: {' '.join(entry)}): {exc}") from None
         num_entries = len(entries)
+        if snapshot:
+            # The job reads its entries when each array task starts: it gets the text checked here,
+            # not whatever the file holds by then.
+            sweep_file = _snapshot_sweep(text, Path(job.log_dir) / f"{job.job_name}.sweep.txt")
 
     slurm_dir = (args.slurm_dir or default_slurm_dir()).resolve()
     script = render_sbatch(
@@ -150,7 +171,7 @@ def prepare(args: argparse.Namespace) -> tuple[SlurmJobConfig, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    job, script = prepare(args)
+    job, script = prepare(args, snapshot=args.action == "submit" and not args.dry_run)
     if args.action == "render" or args.dry_run:
         if args.output is not None:
             args.output.write_text(script)

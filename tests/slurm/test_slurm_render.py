@@ -202,9 +202,10 @@ def test_prepare_refuses_a_world_size_the_layout_cannot_use(tmp_path):
 
 def test_prepare_checks_every_sweep_entry(tmp_path):
     sweep = tmp_path / "layouts.txt"
-    sweep.write_text("--parallel.expert_parallel=1\n--parallel.expert_parallel=2\n--parallel.expert_parallel=4\n")
+    sweep.write_text("# layouts\n--parallel.expert_parallel=1\n\n--parallel.expert_parallel=2\n--parallel.expert_parallel=4\n")
     base = ["render", "--recipe", "olmoe_tiny", "--gpus-per-node", "0", "--log-dir", str(tmp_path), "--sweep", str(sweep)]
-    with pytest.raises(ConfigError, match="sweep entry 2"):
+    # The file's own line number (5), and the array task that would run it (2).
+    with pytest.raises(ConfigError, match=r"layouts.txt:5 \(array task 2: --parallel.expert_parallel=4\)"):
         prepare(_args(*base, "--nodes", "1", "--nproc-per-node", "2"))
     job, script = prepare(_args(*base, "--nodes", "2", "--nproc-per-node", "2"))
     assert job.world_size == 4
@@ -232,3 +233,35 @@ def test_cli_submit_reports_a_config_error_and_submits_nothing(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "config error" in result.stderr
     assert not list(tmp_path.iterdir()), "nothing may be written or submitted"
+
+
+def test_submit_snapshots_the_checked_sweep_file(tmp_path, monkeypatch):
+    """The job reads the copy checked at submission: an edit of the file afterwards cannot reach it."""
+    from olmoe_megatron.launcher.commands.slurm import run
+
+    calls = tmp_path / "sbatch-calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 7\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    sweep = tmp_path / "layouts.txt"
+    sweep.write_text("--parallel.expert_parallel=1\n--parallel.expert_parallel=2\n")
+    logs = tmp_path / "logs"
+    args = _args("submit", "--recipe", "olmoe_tiny", "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
+                 "--job-name", "sw", "--log-dir", str(logs), "--sweep", str(sweep))
+    assert run(args) == 0
+    copy = logs / "sw.sweep.txt"
+    assert copy.read_text() == sweep.read_text()
+    script = (logs / "sw.sbatch").read_text()
+    assert f"set -- {copy} olmoe train" in script and str(sweep) + " " not in script
+    sweep.write_text("--parallel.expert_parallel=3\n")  # an edit after submitting
+    assert "expert_parallel=3" not in copy.read_text()
+
+
+def test_a_sweep_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    sweep = tmp_path / "layouts.txt"
+    sweep.write_bytes(b"--parallel.expert_parallel=1\n--parallel.tensor_parallel=\xff2\n")
+    with pytest.raises(ConfigError, match=r"layouts.txt:2: not UTF-8 text"):
+        prepare(_args("render", "--recipe", "olmoe_tiny", "--gpus-per-node", "0", "--nproc-per-node", "2",
+                      "--log-dir", str(tmp_path), "--sweep", str(sweep)))
