@@ -234,6 +234,7 @@ def _check_study_init(run_config, member_file: Path) -> None:
 
 
 def _train_member(args: argparse.Namespace) -> int:
+    from olmoe_megatron.checkpoint.format import CheckpointFormatError
     from olmoe_megatron.data.errors import DataError
     from olmoe_megatron.launcher.run_args import resolve_run_config
     from olmoe_megatron.studies.runner import FINAL_EXIT_CODES, write_done
@@ -247,6 +248,9 @@ def _train_member(args: argparse.Namespace) -> int:
         code = train(run_config)
     except DataError as exc:
         print(f"olmoe study train-member: data error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointFormatError as exc:
+        print(f"olmoe study train-member: checkpoint error: {exc}", file=sys.stderr)
         return 2
     if code in FINAL_EXIT_CODES and os.environ.get("RANK", "0") == "0":
         write_done(Path(args.config).parent, code, extra={"run": run_config.name})

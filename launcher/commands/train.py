@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from olmoe_megatron.checkpoint.format import CheckpointFormatError
     from olmoe_megatron.data.errors import DataError
     from olmoe_megatron.training.trainer import train
 
@@ -24,4 +25,7 @@ def run(args: argparse.Namespace) -> int:
         return train(run_config)
     except DataError as exc:
         print(f"olmoe train: data error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointFormatError as exc:
+        print(f"olmoe train: checkpoint error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from olmoe_megatron.checkpoint.format import LATEST, step_dir_name, write_model_config, write_run_config
+from olmoe_megatron.checkpoint.format import (
+    LATEST,
+    RUN_FILE,
+    CheckpointFormatError,
+    step_dir_name,
+    write_model_config,
+    write_run_config,
+)
 from olmoe_megatron.checkpoint.weights import (
     load_model_state,
     load_sharded,
@@ -209,10 +216,28 @@ def _optimizer_parts(optimizer) -> int:
 
 
 def has_optimizer_state(path: Path) -> bool:
-    """A training checkpoint (model + optimizer) rather than a model-only one."""
+    """A training checkpoint (model + optimizer) rather than a model-only one.
+
+    Raises:
+        CheckpointFormatError: the checkpoint's common.pt cannot be read, or a checkpoint written
+            by training (olmoe_run.yaml beside its shards) has no progress in it: a damaged
+            checkpoint must stop a resume, never turn it into a fresh start from step 0.
+    """
     from megatron.core.dist_checkpointing import load_common_state_dict
 
-    return "progress" in (load_common_state_dict(str(path)) or {})
+    fix = (f"restore it from a copy, resume from an older step (--checkpoint.load={path.parent}/step_XXXXXXX), "
+           "or load the weights alone with --checkpoint.load_optimizer=false")
+    try:
+        common = load_common_state_dict(str(path)) or {}
+    except Exception as exc:  # noqa: BLE001 - torch.load of a truncated or foreign file raises many kinds
+        raise CheckpointFormatError(f"{path / 'common.pt'} cannot be read ({type(exc).__name__}: "
+                                    f"{str(exc)[:200]}); {fix}") from None
+    if "progress" in common:
+        return True
+    if (path / RUN_FILE).is_file():
+        raise CheckpointFormatError(f"{path / 'common.pt'} lacks the training progress every checkpoint saved by "
+                                    f"training holds (keys: {sorted(map(str, common))[:8]}): it is damaged; {fix}")
+    return False
 
 
 def _materialize_optimizer_state(optimizer) -> None:

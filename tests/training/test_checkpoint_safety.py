@@ -49,3 +49,32 @@ def test_a_pickle_in_an_rng_file_is_not_run(tmp_path, monkeypatch, caplog):
     assert checkpoint._load_rng_file(path) is None
     assert not (tmp_path / "PAYLOAD_RAN").exists()
     assert "cannot be read as RNG states without running code from it" in caplog.text
+
+
+#: metadata.json of a dist checkpoint (what Megatron-Core writes; it marks the directory as one).
+METADATA = ('{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", '
+            '"common_backend_version": 1}')
+
+
+def test_a_damaged_common_state_stops_a_resume_instead_of_restarting(tmp_path):
+    """A training checkpoint (olmoe_run.yaml beside it) whose common.pt lost its progress, or is
+    cut short, is an error naming the file; it was read as a weights-only checkpoint, so training
+    restarted at step 1 and pruning then deleted the older, intact checkpoints."""
+    import pytest
+
+    from olmoe_megatron.checkpoint.format import CheckpointFormatError
+
+    step = tmp_path / "ckpt" / "step_0000004"
+    step.mkdir(parents=True)
+    (step / "metadata.json").write_text(METADATA)
+    torch.save({"progress": {"step": 4}}, step / "common.pt")
+    assert checkpoint.has_optimizer_state(step)
+    torch.save({"hello": 1}, step / "common.pt")
+    assert not checkpoint.has_optimizer_state(step)  # a weights-only checkpoint (a conversion) has none
+    (step / "olmoe_run.yaml").write_text("name: tiny\n")
+    with pytest.raises(CheckpointFormatError, match=r"step_0000004/common.pt lacks the training progress .*"
+                                                     r"damaged; restore it .*--checkpoint.load_optimizer=false"):
+        checkpoint.has_optimizer_state(step)
+    (step / "common.pt").write_bytes((step / "common.pt").read_bytes()[:20])
+    with pytest.raises(CheckpointFormatError, match=r"step_0000004/common.pt cannot be read"):
+        checkpoint.has_optimizer_state(step)
