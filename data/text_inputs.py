@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import glob
 import gzip
-import io
 import json
 import logging
 import os
@@ -204,21 +203,62 @@ def _iter_lines(segment: Segment) -> Iterator[tuple[int | None, int, bytes]]:
                 offset += len(raw)
                 line_no = line_no + 1 if line_no is not None else None
         return
-    with _open_compressed(segment) as stream:
-        offset = 0
-        for line_no, raw in enumerate(stream, start=1):
-            yield line_no, offset, raw
-            offset += len(raw)
+    lines = _gzip_lines(segment.path) if segment.kind == "jsonl.gz" else _zstd_lines(segment.path)
+    offset = 0
+    for line_no, raw in enumerate(lines, start=1):
+        yield line_no, offset, raw
+        offset += len(raw)
 
 
-def _open_compressed(segment: Segment) -> io.BufferedIOBase:
-    if segment.kind == "jsonl.gz":
-        return gzip.open(segment.path, "rb")
+def _damaged(path: str, kind: str, detail: str) -> DataError:
+    return DataError(f"{path}: {detail}: the {kind} file is truncated or damaged; re-download or re-compress it, "
+                     "or leave it out of the inputs (--skip-bad-records skips bad records, not damaged files)")
+
+
+def _gzip_lines(path: str) -> Iterator[bytes]:
+    """The lines of a gzip file; a truncated or non-gzip file raises DataError (gzip's own errors
+    would surface as tracebacks mid-way)."""
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as stream:
+            yield from stream
+    except EOFError:
+        raise _damaged(path, "gzip", "the data ends before gzip's end-of-stream marker") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise _damaged(path, "gzip", f"not valid gzip ({exc})") from None
+
+
+def _zstd_lines(path: str, *, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a zstd file of one or more frames; a file that ends inside a frame (truncated)
+    raises DataError. (zstandard's stream_reader returns what it decoded and stops silently.)"""
     import zstandard
 
-    raw = open(segment.path, "rb")
-    reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-    return io.BufferedReader(reader, buffer_size=1 << 20)
+    decompressor = zstandard.ZstdDecompressor()
+    frame, inside_frame, pending = decompressor.decompressobj(), False, []  # pending: the open line's parts
+    with open(path, "rb") as raw:
+        while chunk := raw.read(chunk_bytes):
+            while chunk:
+                try:
+                    data = frame.decompress(chunk)
+                except zstandard.ZstdError as exc:
+                    raise _damaged(path, "zstd", f"not valid zstd ({exc})") from None
+                inside_frame = not frame.eof
+                chunk = frame.unused_data if frame.eof else b""
+                if frame.eof:
+                    frame = decompressor.decompressobj()
+                if b"\n" not in data:
+                    pending.append(data)
+                    continue
+                first, *rest = data.split(b"\n")
+                yield b"".join(pending) + first + b"\n"
+                for line in rest[:-1]:
+                    yield line + b"\n"
+                pending = [rest[-1]]
+    if inside_frame:
+        raise _damaged(path, "zstd", "the data ends inside a zstd frame")
+    if any(pending):
+        yield b"".join(pending)
 
 
 def _parquet_texts(segment: Segment, text_field: str, stats: ReadStats) -> Iterator[tuple[str, Callable[[], str]]]:

@@ -166,3 +166,39 @@ def test_npy_problems(tmp_path):
         open_token_file(tmp_path / "real.npy", np.uint16)
     with pytest.raises(DataError, match=r"cut\.npy: the last 3 tokens \(from token offset 2\) have no EOS"):
         document_lengths(np.array([1, 9, 2, 3, 4]), 9, path="cut.npy")
+
+
+def _jsonl_bytes(count: int) -> bytes:
+    return b"".join(json.dumps({"text": f"document {i} " * 20}).encode() + b"\n" for i in range(count))
+
+
+@pytest.mark.parametrize("skip_bad_records", [False, True])
+@pytest.mark.parametrize("kind, make, match", [
+    ("jsonl.zst", lambda data: __import__("zstandard").ZstdCompressor().compress(data)[:-400],
+     r"the data ends inside a zstd frame: the zstd file is truncated or damaged"),
+    ("jsonl.gz", lambda data: __import__("gzip").compress(data)[:-400],
+     r"the data ends before gzip's end-of-stream marker: the gzip file is truncated or damaged"),
+    ("jsonl.gz", lambda data: data, r"not valid gzip .*: the gzip file is truncated or damaged"),
+])
+def test_a_truncated_or_foreign_compressed_file_is_an_error(tmp_path, tiny_tokenizer, kind, make, match,
+                                                            skip_bad_records):
+    """Even with --skip-bad-records: a damaged file is not a bad record (a truncated .zst read as
+    complete kept 1,195 of 2,000 documents with exit 0)."""
+    source = tmp_path / f"docs.{kind}"
+    source.write_bytes(make(_jsonl_bytes(2000)))
+    prefix = str(tmp_path / "out" / "c")
+    with pytest.raises(DataError, match=rf"docs.{kind.replace('.', '[.]')}: {match}"):
+        tokenize(TokenizeConfig(inputs=(str(source),), output_prefix=prefix, tokenizer=tiny_tokenizer,
+                                num_workers=1, skip_bad_records=skip_bad_records))
+
+
+def test_zstd_files_of_several_frames_read_whole(tmp_path, tiny_tokenizer):
+    import zstandard
+
+    data = _jsonl_bytes(300)
+    cut = data.index(b"\n", len(data) // 3) + 7  # the second frame starts mid-line
+    source = tmp_path / "docs.jsonl.zst"
+    source.write_bytes(zstandard.ZstdCompressor().compress(data[:cut]) + zstandard.ZstdCompressor().compress(data[cut:]))
+    manifest = tokenize(TokenizeConfig(inputs=(str(source),), output_prefix=str(tmp_path / "out" / "c"),
+                                       tokenizer=tiny_tokenizer, num_workers=1))
+    assert manifest["documents"] == 300
