@@ -240,6 +240,11 @@ def has_optimizer_state(path: Path) -> bool:
     return False
 
 
+def optimizer_has_state(optimizer) -> bool:
+    """Whether any part of the optimizer holds Adam state (it has stepped, or state was loaded)."""
+    return any(sub.optimizer.state for sub in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _materialize_optimizer_state(optimizer) -> None:
     """Gives a fresh optimizer its Adam state (step, moments) so a checkpoint can load into it.
 

@@ -26,7 +26,7 @@ from olmoe_megatron.model.build import build_model_chunks, build_transformer_con
 from olmoe_megatron.parallel import cpu_perf
 from olmoe_megatron.parallel.context import ParallelContext, initialize
 from olmoe_megatron.run_config import RunConfig
-from olmoe_megatron.training.checkpoint import Progress, load_checkpoint, save_checkpoint
+from olmoe_megatron.training.checkpoint import Progress, load_checkpoint, optimizer_has_state, save_checkpoint
 from olmoe_megatron.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from olmoe_megatron.training.faults import Faults
 from olmoe_megatron.training.metrics import MetricsWriter, job_peak, peak_memory_fields, throughput_fields
@@ -137,11 +137,21 @@ def train(run: RunConfig) -> int:
     logger.info("training %s: %s; steps %d..%d; MFU peak %.3g FLOP/s (%s)", run.name,
                 run.parallel.describe(context.world_size), progress.step, steps, peak.flops, peak.source)
 
-    def save() -> None:
-        if run.checkpoint.dir:
-            save_checkpoint(run.checkpoint.dir, models=models, optimizer=optimizer, progress=progress,
-                            run_config=run, keep_last=run.checkpoint.keep_last, dp_group=context.groups.dp_cp,
-                            before_commit=faults.before_commit)
+    def save() -> bool:
+        """Saves a checkpoint; False when there is nothing a resume could load (see below)."""
+        if not run.checkpoint.dir:
+            return False
+        if not optimizer_has_state(optimizer):
+            # Every step so far was skipped (non-finite) and nothing was loaded: the optimizer has
+            # no state to save, and a checkpoint without it could not be resumed. The weights are
+            # still those the run started from.
+            logger.warning("step %d: no checkpoint written: no update has been applied in this run yet, so the "
+                           "weights are the starting ones and the optimizer has no state to save", progress.step)
+            return False
+        save_checkpoint(run.checkpoint.dir, models=models, optimizer=optimizer, progress=progress,
+                        run_config=run, keep_last=run.checkpoint.keep_last, dp_group=context.groups.dp_cp,
+                        before_commit=faults.before_commit)
+        return True
 
     exit_code = EXIT_OK
     saved_at = progress.step
@@ -179,11 +189,12 @@ def train(run: RunConfig) -> int:
                                progress.step, result.lm_loss, result.grad_norm, progress.nonfinite_streak,
                                train_cfg.max_nonfinite_steps)
                 if progress.nonfinite_streak > train_cfg.max_nonfinite_steps:
-                    save()
+                    saved = save()
                     saved_at = progress.step
                     logger.error("stopping at step %d: %d consecutive non-finite losses (last lm loss %s, lb %s, "
-                                 "z %s); checkpoint saved", progress.step, progress.nonfinite_streak,
-                                 result.lm_loss, result.lb_loss, result.z_loss)
+                                 "z %s); %s", progress.step, progress.nonfinite_streak,
+                                 result.lm_loss, result.lb_loss, result.z_loss,
+                                 "checkpoint saved" if saved else "no checkpoint (no update was ever applied)")
                     exit_code = EXIT_NONFINITE
                     break
             stop = stop_signal.agreed(context)

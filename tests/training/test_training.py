@@ -215,6 +215,14 @@ def test_non_finite_losses_skip_then_stop(pool1, corpus, tmp_path):
     assert pool1.run(train_run, run, env={"OLMOE_FAULT_NAN_STEPS": "2,3,4"}) == [EXIT_NONFINITE]
     assert (tmp_path / "streak" / "ckpt" / "latest").read_text().strip() == "step_0000003"
 
+    # A streak from step 1: no update was ever applied, so no checkpoint is written (one without
+    # optimizer state could not be resumed), and the run starts over cleanly.
+    run = tiny_run(corpus, tmp_path / "from_start", steps=3, train={"max_nonfinite_steps": 1})
+    assert pool1.run(train_run, run, env={"OLMOE_FAULT_NAN_STEPS": "1,2"}) == [EXIT_NONFINITE]
+    assert not (tmp_path / "from_start" / "ckpt" / "latest").exists()
+    assert pool1.run(train_run, run) == [EXIT_OK]
+    assert (tmp_path / "from_start" / "ckpt" / "latest").read_text().strip() == "step_0000003"
+
 
 def test_reshard_checkpoint_into_other_layouts(pool1, corpus, tmp_path):
     """Saved by TP2+EP2+PP2 (4 ranks) at step 3 of a 5-step run; loaded with its optimizer state by
