@@ -120,6 +120,7 @@ def tokenize(config: TokenizeConfig) -> dict:
         DataError: a missing input, bad record (file and line named), or tokenizer problem.
     """
     files = expand_inputs(config.inputs)
+    _check_output_directory(config.output_prefix)
     tokenizer_path = resolve_tokenizer_path(config.tokenizer)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -168,6 +169,20 @@ def tokenize(config: TokenizeConfig) -> dict:
     }
     atomic_write_text(manifest_path(config.output_prefix), json.dumps(manifest, indent=1))
     return manifest
+
+
+def _check_output_directory(prefix: str) -> None:
+    """Creates the shards' directory and checks it is writable, before any work is done."""
+    import tempfile
+
+    directory = Path(prefix).parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise DataError(f"--output-prefix {prefix}: cannot write shards in {directory} ({exc.strerror or exc}); "
+                        "give a prefix in a writable directory, e.g. data/tokens/corpus") from None
 
 
 def _record_path(prefix: str) -> Path:

@@ -117,6 +117,10 @@ def upcycle(
 
     if method not in METHODS:
         raise ConversionError(f"--method={method!r} is not an upcycling method; use one of {', '.join(METHODS)}")
+    if num_experts < 1:
+        raise ConversionError(f"--num-experts={num_experts} must be at least 1 (OLMoE: 64)")
+    if not 1 <= top_k <= num_experts:
+        raise ConversionError(f"--top-k={top_k} must be between 1 and --num-experts={num_experts} (OLMoE: 8 of 64)")
     std = DEFAULT_ROUTER_STD[method] if router_std is None else router_std
     if std < 0:
         raise ConversionError(f"--router-std={std} must be >= 0 (OLMoE: 0.02)")

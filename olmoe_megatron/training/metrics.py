@@ -213,8 +213,14 @@ class MetricsWriter:
         if not enabled:
             return
         if jsonl:
-            Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(jsonl, "a", buffering=1)
+            try:
+                Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
+                self._jsonl = open(jsonl, "a", buffering=1)
+            except OSError as exc:
+                from olmoe_megatron.config import ConfigError
+
+                raise ConfigError(f"metrics.jsonl={jsonl!r} cannot be written ({exc.strerror or exc}); give a "
+                                  "writable file path (--metrics.jsonl=PATH)") from None
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -103,6 +103,10 @@ def test_bad_method_and_std_are_refused(dense_ckpt, tmp_path):
         upcycle(dense_ckpt, tmp_path / "out", num_experts=8, top_k=2, method="mean")
     with pytest.raises(ConversionError, match=r"--router-std=-0.1 must be >= 0"):
         upcycle(dense_ckpt, tmp_path / "out", num_experts=8, top_k=2, router_std=-0.1)
+    with pytest.raises(ConversionError, match=r"--num-experts=0 must be at least 1"):
+        upcycle(dense_ckpt, tmp_path / "out", num_experts=0, top_k=1)
+    with pytest.raises(ConversionError, match=r"--top-k=9 must be between 1 and --num-experts=8"):
+        upcycle(dense_ckpt, tmp_path / "out", num_experts=8, top_k=9)
     assert not (tmp_path / "out").exists()
 
 

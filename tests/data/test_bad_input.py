@@ -202,3 +202,11 @@ def test_zstd_files_of_several_frames_read_whole(tmp_path, tiny_tokenizer):
     manifest = tokenize(TokenizeConfig(inputs=(str(source),), output_prefix=str(tmp_path / "out" / "c"),
                                        tokenizer=tiny_tokenizer, num_workers=1))
     assert manifest["documents"] == 300
+
+
+def test_an_output_prefix_under_a_file_is_an_error_before_any_work(tmp_path, tiny_tokenizer):
+    source = write_jsonl(tmp_path / "in.jsonl", random_documents(3, seed=0))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match=r"--output-prefix .*afile/c: cannot write shards in .*afile"):
+        tokenize(TokenizeConfig(inputs=(str(source),), output_prefix=str(tmp_path / "afile" / "c"),
+                                tokenizer=tiny_tokenizer, num_workers=1))

@@ -122,3 +122,13 @@ def test_bf16_speed_is_told_by_the_cpu_flags():
     assert x86_bf16_instructions("flags\t\t: fpu avx512f avx512_bf16 amx_tile\n") is True
     assert x86_bf16_instructions("flags : fpu amx_bf16\n") is True
     assert x86_bf16_instructions("Features : fp asimd bf16\n") is None  # an ARM cpuinfo: measure instead
+
+
+def test_an_unwritable_metrics_file_is_a_config_error(tmp_path):
+    from olmoe_megatron.config import ConfigError
+    from olmoe_megatron.training.metrics import MetricsWriter
+
+    (tmp_path / "file").write_text("")
+    for target in (tmp_path, tmp_path / "file" / "metrics.jsonl"):  # a directory; a path under a file
+        with pytest.raises(ConfigError, match=r"metrics.jsonl='.*' cannot be written \(.*\); give a writable file path"):
+            MetricsWriter(enabled=True, jsonl=str(target), tensorboard_dir=None, log_interval=1)
