@@ -42,3 +42,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(gpu_skip)
         if slurm_skip is not None and item.get_closest_marker("slurm"):
             item.add_marker(slurm_skip)
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    """An `sbatch` first on PATH that records each call's arguments, one line per call, in the file
+    it returns and prints the call's number (1, 2, ...) as the job id; nothing is submitted."""
+    import os
+
+    calls = tmp_path / "sbatch-calls"
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nwc -l < {calls} | tr -d " "\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls

@@ -235,16 +235,10 @@ def test_cli_submit_reports_a_config_error_and_submits_nothing(tmp_path):
     assert not list(tmp_path.iterdir()), "nothing may be written or submitted"
 
 
-def test_submit_snapshots_the_checked_sweep_file(tmp_path, monkeypatch):
+def test_submit_snapshots_the_checked_sweep_file(tmp_path, fake_sbatch):
     """The job reads the copy checked at submission: an edit of the file afterwards cannot reach it."""
     from olmoe_megatron.launcher.commands.slurm import run
 
-    calls = tmp_path / "sbatch-calls"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 7\n')
-    (bin_dir / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     sweep = tmp_path / "layouts.txt"
     sweep.write_text("--parallel.expert_parallel=1\n--parallel.expert_parallel=2\n")
     logs = tmp_path / "logs"
@@ -257,6 +251,7 @@ def test_submit_snapshots_the_checked_sweep_file(tmp_path, monkeypatch):
     assert f"set -- {copy} olmoe train" in script and str(sweep) + " " not in script
     sweep.write_text("--parallel.expert_parallel=3\n")  # an edit after submitting
     assert "expert_parallel=3" not in copy.read_text()
+    assert fake_sbatch.read_text().splitlines() == [f"--parsable {logs / 'sw.sbatch'}"]
 
 
 def test_a_sweep_file_that_is_not_utf8_is_a_config_error(tmp_path):

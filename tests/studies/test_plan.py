@@ -191,15 +191,10 @@ def test_same_init_rules(write_study, tmp_path, edit, match):
         resolve_study(parse_study(write_study(edit(SAME_INIT))), study_dir=tmp_path / "out")
 
 
-def test_slurm_submit_writes_the_init_first_and_the_array_depends_on_it(write_study, tmp_path, capsys, monkeypatch):
+def test_slurm_submit_writes_the_init_first_and_the_array_depends_on_it(write_study, tmp_path, capsys, fake_sbatch):
     from olmoe_megatron.launcher.cli import main
 
-    calls = tmp_path / "sbatch-calls"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nwc -l < {calls} | tr -d " "\n')
-    (bin_dir / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    calls = fake_sbatch
     study_dir = tmp_path / "out"
     argv = ["study", "submit", str(write_study(SAME_INIT)), "--dir", str(study_dir), "--nodes", "1",
             "--gpus-per-node", "0", "--nproc-per-node", "2"]
