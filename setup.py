@@ -44,6 +44,7 @@ setup(
         "numpy>=1.24",
         "zarr>=3",
         "pyyaml>=6",
+        "xxhash>=3",  # checkpoint manifests: the xxh3_64 checksum of every file
         "psutil>=5.9",  # dist_checkpointing.save hangs without it (megatron-core does not declare it)
         "tokenizers>=0.15",
         "zstandard>=0.21",  # olmoe prep tokenize: .jsonl.zst inputs

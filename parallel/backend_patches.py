@@ -427,22 +427,24 @@ _register(Patch(
 
 
 def _apply_no_compile():
-    import torch._dynamo
+    from olmoe_megatron import lazy_jit
 
-    torch._dynamo.config.disable = True
+    lazy_jit.disable_compile()
 
 
 def _probe_no_compile() -> bool:
-    import torch._dynamo
     from megatron.core import jit
 
-    return jit.jit_fuser is torch.compile and not torch._dynamo.config.disable
+    from olmoe_megatron import lazy_jit
+
+    # torch.compile itself, or olmoe_megatron.lazy_jit's first-call torch.compile
+    return jit.jit_fuser in (torch.compile, lazy_jit.lazy_compile) and lazy_jit.compiles()
 
 
 _register(Patch(
     "no_compile",
     "megatron's jit_fuser is torch.compile; on CPU inductor compiles C++ on the first call (5-28 s per "
-    "process on 2 cores) for no gain at these sizes",
+    "process on 2 cores) for no gain at these sizes: the decorated functions run eagerly",
     NO_CUDA, _apply_no_compile, _probe_no_compile,
 ))
 

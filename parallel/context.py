@@ -149,6 +149,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _model_parallel_groups(parallel_state) -> list:
+    """Every process group megatron's parallel_state holds now (in globals, lists or dicts), once each."""
+    found: dict[int, dist.ProcessGroup] = {}
+    for value in vars(parallel_state).values():
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, dist.ProcessGroup):
+                found.setdefault(id(item), item)
+    return list(found.values())
+
+
+def destroy_model_parallel_groups() -> None:
+    """Megatron's destroy_model_parallel, plus destroying the groups it only forgets.
+
+    megatron-core 0.16.1 destroys its *_GLOO groups but merely drops its references to the others;
+    torch keeps them registered, and on gloo each keeps a TCP loop thread waking every 10 ms and two
+    worker threads. A process that initializes many layouts (a test pool, a converter called
+    repeatedly) collected hundreds of them: at 769 groups a pytest process spent a whole core in
+    those wake-ups. Local on every backend (no collective); the default group is kept.
+    """
+    from megatron.core import parallel_state
+
+    groups = _model_parallel_groups(parallel_state)
+    parallel_state.destroy_model_parallel()
+    if not dist.is_initialized():
+        return
+    registered = dist.distributed_c10d._world.pg_map
+    world = dist.group.WORLD
+    for group in groups:
+        if group is not world and group in registered:
+            dist.destroy_process_group(group)
+
+
 def initialize(
     layout: ParallelLayout,
     model: ModelConfig,
@@ -171,7 +204,7 @@ def initialize(
     world_size = dist.get_world_size()
     layout.validate(model, world_size, backend=backend)
 
-    parallel_state.destroy_model_parallel()
+    destroy_model_parallel_groups()
     # Global state that outlives destroy_model_parallel: the MoE loss tracker is sized by the
     # number of layers on first use.
     get_moe_layer_wise_logging_tracker().clear()

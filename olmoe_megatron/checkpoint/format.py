@@ -81,6 +81,39 @@ def read_model_config(ckpt: str | Path) -> ModelConfig:
     )
 
 
+#: ModelConfig fields that set the names or shapes of a checkpoint's tensors (the others, such as
+#: loss coefficients, rope_theta or the dispatcher, may change between a save and a load).
+ARCHITECTURE_FIELDS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "padded_vocab_size",
+                       "norm_type", "qk_norm", "num_experts", "expert_ffn_hidden_size", "num_shared_experts",
+                       "ffn_hidden_size", "router_expert_bias")
+
+
+def _architecture(model: ModelConfig) -> dict:
+    values = {name: getattr(model, name) for name in ARCHITECTURE_FIELDS}
+    values["num_kv_heads"] = model.num_kv_heads or model.num_heads  # None means one per head
+    values["head_dim"] = model.head_dim or model.d_model // model.num_heads
+    return values
+
+
+def check_same_architecture(ckpt: str | Path, model: ModelConfig, *, field: str) -> None:
+    """Raises ConfigError naming every architecture field in which `model` differs from the model
+    the checkpoint holds (a checkpoint without a model config passes: its tensors are checked by the
+    loader)."""
+    from olmoe_megatron.config import ConfigError
+
+    try:
+        saved = read_model_config(ckpt)
+    except CheckpointFormatError:
+        return
+    before, now = _architecture(saved), _architecture(model)
+    changed = [f"model.{k} {before[k]} -> {now[k]}" for k in ARCHITECTURE_FIELDS if before[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"{field}: {ckpt} holds another architecture: {', '.join(changed)}; its tensors cannot load into this "
+            "model. Use the checkpoint's model (drop those overrides), start without it (another checkpoint.dir), "
+            "or convert it first (`olmoe convert upcycle` for more experts)")
+
+
 def write_model_config(directory: str | Path, model: ModelConfig) -> None:
     (Path(directory) / MODEL_FILE).write_text(dump_yaml(model))
 

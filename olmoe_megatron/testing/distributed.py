@@ -48,6 +48,16 @@ class _RankPrefixed:
         return getattr(self._stream, name)
 
 
+def _drop_model_parallel_groups() -> None:
+    """Between tasks a rank keeps only the default group: every gloo group keeps a thread waking
+    every 10 ms, and pools of 1, 2, 4 and 8 ranks stay alive across the suite on 2 cores. Every task
+    builds its own layout (parallel.context.initialize), so nothing is lost."""
+    if "megatron.core.parallel_state" in sys.modules:
+        from olmoe_megatron.parallel.context import destroy_model_parallel_groups
+
+        destroy_model_parallel_groups()
+
+
 def _worker(rank: int, world_size: int, port: int, tasks, results, env: dict[str, str]) -> None:
     os.environ.update(env)
     os.environ.update(
@@ -75,6 +85,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, env: dict[str
             results.put((rank, True, fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - report everything to the parent
             results.put((rank, False, traceback.format_exc()))
+        _drop_model_parallel_groups()
     import torch.distributed as dist
 
     if dist.is_initialized():

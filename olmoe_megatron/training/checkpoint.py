@@ -3,8 +3,10 @@
 The directory layout is `olmoe_megatron.checkpoint.format`'s; a training checkpoint adds
     ROOT/step_0000100/rng/      per-rank RNG states (restored when the world size is unchanged)
 
-A save writes everything into ROOT/.step_0000100.tmp, flushes it, renames it to step_0000100 and
-only then replaces `latest` (write + fsync + rename). A process killed during a save therefore
+A save writes everything into ROOT/.step_0000100.tmp; the ranks then hash and flush a stripe of its
+files each, rank 0 writes the manifest (olmoe_megatron.checkpoint.manifest: every file with its
+size and xxh3 checksum), renames the directory to step_0000100 and only then replaces `latest`
+(write + fsync + rename). A process killed during a save therefore
 leaves the previous checkpoint, and `latest`, intact; stale temporary directories are removed by
 the next save. The model and optimizer keys are global, so a checkpoint saved in one parallel
 layout loads into another (with the distributed optimizer's 'fully_reshardable' format; its
@@ -36,6 +38,7 @@ from olmoe_megatron.checkpoint.format import (
     write_model_config,
     write_run_config,
 )
+from olmoe_megatron.checkpoint.manifest import describe, list_files, write_manifest
 from olmoe_megatron.checkpoint.weights import (
     load_model_state,
     load_sharded,
@@ -112,11 +115,17 @@ def _load_rng_file(path: Path) -> dict | None:
         return None
 
 
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
+def _describe_stripe(tmp: Path, rank: int) -> dict[str, dict] | None:
+    """Every rank hashes and fsyncs every world_size-th file of the written checkpoint (the files are
+    on a filesystem all ranks share); rank 0 gets the manifest entries of all of them (others None)."""
+    world = dist.get_world_size()
+    names = list_files(tmp)
+    mine = describe(tmp, names[rank::world], fsync=True)
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if rank != 0:
+        return None
+    return {name: entry for part in parts for name, entry in part.items()}
 
 
 def save_checkpoint(
@@ -173,11 +182,13 @@ def save_checkpoint(
         before_commit(progress)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    dist.barrier()
     if rank == 0:
         write_run_config(tmp, run_config)
         write_model_config(tmp, run_config.model)
-        _fsync_tree(tmp)
+    dist.barrier()
+    files = _describe_stripe(tmp, rank)
+    if rank == 0:
+        write_manifest(tmp, files, step=progress.step)
         os.rename(tmp, final)
         pointer_tmp = root / f".{LATEST}.tmp"
         pointer_tmp.write_text(name + "\n")

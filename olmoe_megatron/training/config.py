@@ -163,6 +163,11 @@ class CheckpointConfig(Config):
     """Load optimizer state and scheduler position (False: a new run from these weights, e.g. anneal)."""
     reset_data_position: bool = False
     """Start the data order from the beginning when loading (anneal: new data order)."""
+    fallback_to_complete: bool = False
+    """A resume whose checkpoint fails the size check against its manifest (a file missing or
+    truncated), or whose `latest` cannot be followed, resumes from the newest complete step of the
+    same root instead (with a warning naming what was wrong). False: such a resume is an error
+    naming the file."""
     save_on_exit: bool = True
     """Save when training ends (max steps or a signal)."""
     optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"

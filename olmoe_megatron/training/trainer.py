@@ -21,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from olmoe_megatron.checkpoint.format import check_same_architecture
 from olmoe_megatron.checkpoint.plan import plan_load
 from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
 from olmoe_megatron.parallel import cpu_perf
@@ -76,13 +77,15 @@ class TrainingState:
 def start_training_state(run: RunConfig, context: ParallelContext) -> TrainingState:
     """Builds the model and optimizer and loads what `plan_load` says (resume, init_from, nothing)."""
     train_cfg, model_cfg = run.train, run.model
+    plan = plan_load(run.checkpoint)  # before building anything: a bad checkpoint fails fast
+    if plan.path is not None:
+        check_same_architecture(plan.path, model_cfg, field=plan.field)
     config, _ = build_transformer_config(model_cfg, context, precision=run.precision, recompute=train_cfg.recompute)
     chunks = build_model_chunks(model_cfg, context, precision=run.precision, config=config)
     models = wrap_ddp(chunks, config, train=train_cfg, precision=run.precision)
     optimizer = build_optimizer(models, train=train_cfg, precision=run.precision)
     attach_training_hooks(config, models, optimizer)
     progress = Progress()
-    plan = plan_load(run.checkpoint)
     logger.info("checkpoint: %s", plan.reason)
     if plan.path is not None:
         progress = load_checkpoint(plan.path, models=models, optimizer=optimizer, load_optimizer=plan.load_optimizer,

@@ -7,15 +7,20 @@ from pathlib import Path
 import pytest
 
 from olmoe_megatron.checkpoint.format import CheckpointFormatError, read_latest, step_dir_name
+from olmoe_megatron.checkpoint.manifest import write_manifest_for
 from olmoe_megatron.checkpoint.plan import plan_load
 from olmoe_megatron.training.config import CheckpointConfig
 
 
-def _saved(root: Path, step: int) -> Path:
-    """A root whose `latest` names a (fake) committed step directory."""
-    (root / step_dir_name(step)).mkdir(parents=True)
-    (root / "latest").write_text(step_dir_name(step) + "\n")
-    return root / step_dir_name(step)
+def _saved(root: Path, step: int, *, latest: bool = True) -> Path:
+    """A root whose `latest` names a (fake) committed step directory: one file and its manifest."""
+    path = root / step_dir_name(step)
+    path.mkdir(parents=True)
+    (path / "common.pt").write_bytes(b"x" * 10)
+    write_manifest_for(path, step=step)
+    if latest:
+        (root / "latest").write_text(step_dir_name(step) + "\n")
+    return path
 
 
 def test_no_load():
@@ -40,6 +45,7 @@ def test_load_a_path(tmp_path):
     assert plan_load(CheckpointConfig(dir=str(tmp_path / "own"), load=str(tmp_path / "other"))).path == step  # a root
     model_only = tmp_path / "converted"
     model_only.mkdir()
+    write_manifest_for(model_only)
     assert plan_load(CheckpointConfig(load=str(model_only))).path == model_only
 
 
@@ -107,3 +113,25 @@ def test_a_file_named_as_the_checkpoint_is_an_error(tmp_path):
         plan_load(CheckpointConfig(load=str(tmp_path / "ck")))
     with pytest.raises(CheckpointFormatError, match=r"checkpoint.init_from='.*ck' is a file"):
         plan_load(CheckpointConfig(dir=str(tmp_path / "run"), init_from=str(tmp_path / "ck")))
+
+
+def test_an_incomplete_checkpoint_is_refused_or_passed_over_when_asked(tmp_path):
+    older = _saved(tmp_path, 2, latest=False)
+    newest = _saved(tmp_path, 4)
+    (newest / "common.pt").write_bytes(b"x" * 3)
+    with pytest.raises(CheckpointFormatError, match=r"checkpoint.load: checkpoint .*step_0000004 is incomplete: "
+                                                    r".*common.pt is truncated: 3 bytes, the manifest says 10"):
+        plan_load(CheckpointConfig(dir=str(tmp_path)))
+    plan = plan_load(CheckpointConfig(dir=str(tmp_path), fallback_to_complete=True))
+    assert plan.path == older and "fell back to the newest complete checkpoint, step_0000002" in plan.reason
+    (tmp_path / "latest").write_text("step_0000009\n")  # a dangling latest: the same fallback
+    assert plan_load(CheckpointConfig(dir=str(tmp_path), fallback_to_complete=True)).path == older
+    plan = plan_load(CheckpointConfig(dir=str(tmp_path / "anneal"), init_from=str(tmp_path), fallback_to_complete=True))
+    assert plan.path == older and plan.field == "checkpoint.init_from"
+    (older / "common.pt").unlink()
+    with pytest.raises(CheckpointFormatError, match=r"no complete checkpoint is left in"):
+        plan_load(CheckpointConfig(dir=str(tmp_path), fallback_to_complete=True))
+    bare = tmp_path / "bare"  # no manifest (a version without them): the dist checkpoint files must be there
+    bare.mkdir()
+    with pytest.raises(CheckpointFormatError, match=r"bare is incomplete: .*bare/.metadata is missing \(and 2 more\)"):
+        plan_load(CheckpointConfig(load=str(bare)))
