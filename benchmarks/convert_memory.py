@@ -7,8 +7,13 @@ to 16 layers (the per-layer slope of the two runs). Each conversion runs in a fr
 that reports its own peak RSS (VmHWM) and its RSS after imports (the baseline), so the numbers are
 the converter's alone.
 
-Expected shape: hf-to-mcore holds one model in its dtype plus one layer (its slope is about a
-layer's bytes); mcore-to-hf holds one layer plus the embeddings (its slope is about zero).
+Expected shape: both directions hold about one layer plus the embeddings (slopes about zero):
+hf-to-mcore writes the dist checkpoint layer by layer (olmoe_megatron/convert/dist_writer.py; it
+held the whole model plus the writer's clones, 19.5 GiB for 16 layers, before), mcore-to-hf writes
+one safetensors shard per layer. The target is at most half the model plus one layer.
+
+The JSON records the commit (and the tracked files that differ from it), the machine (CPU, cores,
+memory, load average before and after) and the package versions beside the numbers.
 
 Usage: python benchmarks/convert_memory.py --json out.json [--layers 2,4] [--workdir /tmp/convert_bench]
 """
@@ -22,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import provenance  # benchmarks/provenance.py (this folder is on sys.path)
+
 FULL_LAYERS = 16
 
 
@@ -34,6 +41,29 @@ def _rss_kib(field: str) -> int:
 
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _memory_total_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _code() -> dict:
+    """The commit and the tracked files that differ from it, taken when the run starts."""
+    return {"commit": provenance.git(provenance.REPOSITORY, "rev-parse", "HEAD").strip() or "unknown",
+            "dirty_paths": provenance.dirty_paths()}
+
+
+def _provenance(code: dict, load_before: tuple[float, ...]) -> dict:
+    """The code (at the start), the machine and the versions this run measured."""
+    return {
+        **code,
+        "machine": {**provenance.cpu_description(), "memory_total_bytes": _memory_total_bytes(),
+                    "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())},
+        "versions": provenance.versions("torch", "megatron-core", "safetensors", "transformers", "numpy"),
+    }
 
 
 def write_random_hf(directory: Path, num_layers: int) -> int:
@@ -111,6 +141,8 @@ def main() -> None:
 
     from olmoe_megatron.recipes import get_recipe
 
+    load_before = os.getloadavg()
+    code = _code()
     full = get_recipe("olmoe_1b_7b").model
     work = Path(args.workdir)
     rows = []
@@ -138,8 +170,10 @@ def main() -> None:
             slope = (hi[key] - lo[key]) / span if span else 0.0
             return hi[key] + slope * (FULL_LAYERS - hi["layers"])
 
+        layer_bytes = (hi["params"] - lo["params"]) * 2 / span if span else 0.0
         extrapolated.append({"direction": direction, "layers": FULL_LAYERS, "params": full.num_params(),
                              "bytes": 2 * full.num_params(), "seconds": at_full("seconds"),
+                             "target_peak_bytes": full.num_params() + layer_bytes,  # half the bf16 model + a layer
                              "peak_rss_bytes": at_full("peak_rss_bytes"), "baseline_rss_bytes": hi["baseline_rss_bytes"],
                              "extrapolated_from_layers": [lo["layers"], hi["layers"]]})
 
@@ -149,7 +183,8 @@ def main() -> None:
         print(f"{r['direction']:<12} {r['layers']:>6} {r['params'] / 1e9:>7.2f}B {r['bytes'] / 1e9:>8.2f}G "
               f"{r['seconds']:>8.1f} {r['peak_rss_bytes'] / 2**30:>8.2f}Gi {r['baseline_rss_bytes'] / 2**30:>8.2f}Gi{mark}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"measured": rows, "extrapolated_16_layers": extrapolated}, indent=2) + "\n")
+        record = {"measured": rows, "extrapolated_16_layers": extrapolated, **_provenance(code, load_before)}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     exp.add_argument("--ckpt", required=True, help="model checkpoint, step_XXXXXXX dir, or training root (follows latest)")
     exp.add_argument("--out", required=True, help="HF directory to create")
     exp.add_argument("--model-config", default=None, help="ModelConfig YAML if the checkpoint has none")
-    exp.add_argument("--vocab-rows", choices=("padded", "vocab"), default="padded",
-                     help="write padded_vocab_size rows (default, as OLMoE's HF checkpoints) or vocab_size rows")
+    exp.add_argument("--vocab-rows", choices=("padded", "vocab"), default=None,
+                     help="write padded_vocab_size rows (as OLMoE's HF checkpoints) or vocab_size rows (default: "
+                          "the rows of the HF config the checkpoint was imported from, else padded)")
     exp.add_argument("--tokenizer", default=None, help="copy tokenizer files from here (default: the checkpoint's hf_tokenizer/)")
+    exp.add_argument("--hf-config", default=None,
+                     help="config.json to write back (default: the HF config the checkpoint was imported from, also "
+                          "through its run's checkpoint.init_from); 'model' builds it from the model config; a path "
+                          "writes that config.json after checking it against the model")
     exp.add_argument("--overwrite", action="store_true")
 
     up = sub.add_parser("upcycle", help="dense checkpoint -> MoE checkpoint with E copies of the MLP and a new router")
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                      model.num_experts, model.top_k, model.num_params() / 1e9)
         elif args.convert_command == "mcore-to-hf":
             source = mcore_to_hf(args.ckpt, args.out, model_config=args.model_config, vocab_rows=args.vocab_rows,
-                                 tokenizer=args.tokenizer, overwrite=args.overwrite)
+                                 tokenizer=args.tokenizer, hf_config=args.hf_config, overwrite=args.overwrite)
             log.info("exported %s to %s", source, args.out)
         else:
             model = upcycle(args.dense, args.out, num_experts=args.num_experts, top_k=args.top_k,

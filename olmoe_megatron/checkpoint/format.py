@@ -4,10 +4,13 @@ Layout of a checkpoint root (written by training):
     ROOT/step_0000100/                 a committed checkpoint (Megatron dist_checkpointing, torch_dist)
     ROOT/step_0000100/olmoe_run.yaml   the run config that wrote it
     ROOT/step_0000100/olmoe_model.yaml its model config
+    ROOT/step_0000100/olmoe_manifest.json  every file with its size and checksum (manifest.py)
     ROOT/latest                        name of the newest committed step directory
 
-A model checkpoint (written by a converter) is one such directory with `olmoe_model.yaml` and,
-when the source had one, the tokenizer files in `hf_tokenizer/`.
+A model checkpoint (written by a converter) is one such directory with `olmoe_model.yaml`, its
+manifest and, when the source had them, the tokenizer files in `hf_tokenizer/`; one imported from
+HF also keeps the source config.json as `hf_config.json` and the import's record as
+`hf_import.json` (olmoe_megatron.convert.hf_config), which the export writes back.
 """
 
 from __future__ import annotations

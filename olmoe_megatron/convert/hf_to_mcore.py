@@ -1,11 +1,14 @@
 """HF OlmoeForCausalLM (config.json + safetensors) -> our Megatron model checkpoint.
 
-Streaming: every key's shape is checked from the safetensors headers first (no data read), then
-one decoder layer at a time is read, mapped (QKV interleave, cat(gate, up)) and copied into an
-uninitialised world-of-one model; the source layer is freed before the next one is read. The
-HF side is never held whole; the model is held once, in the checkpoint's dtype. Measured peak
-(benchmarks/convert_memory.py): about 1.4x the model, because Megatron's torch_dist writer clones
-the gate/up halves of every expert fc1 (views of one parameter) before writing them.
+Streaming: config.json is checked first (hf_config.check_supported: an OlmoeConfig option our
+model does not implement is refused, naming the field and its value), then every key's shape from
+the safetensors headers (no data read). The checkpoint is then written group by group
+(dist_writer): the embeddings and head, then one decoder layer at a time is read from HF, mapped
+(QKV interleave, cat(gate, up)) and written before the next is read. Neither the HF model nor ours
+is ever held whole: peak memory is about one layer (benchmarks/convert_memory.py).
+
+The source config.json is kept byte for byte in the checkpoint (hf_config.HF_CONFIG_FILE), so that
+mcore-to-hf writes it back; the tokenizer files and generation_config.json go to hf_tokenizer/.
 
 Vocabulary: the embedding and output matrices get HF's rows rounded up to a multiple of 128; if HF
 has fewer rows the extra rows are zeros (a logged warning says so) and `vocab_size` records HF's.
@@ -20,8 +23,9 @@ from pathlib import Path
 import torch
 
 from olmoe_megatron.checkpoint import format as ckpt_format
+from olmoe_megatron.checkpoint.manifest import write_manifest_for
 from olmoe_megatron.config import ConfigError
-from olmoe_megatron.convert import mcore_io
+from olmoe_megatron.convert import dist_writer, hf_config, mcore_io
 from olmoe_megatron.convert.errors import ConversionError, atomic_output_dir, list_keys
 from olmoe_megatron.convert.safetensors_io import HFReader
 from olmoe_megatron.model import hf_mapping
@@ -108,47 +112,41 @@ def hf_to_mcore(
         base_model: values for ModelConfig fields HF does not record (z-loss weight, ...).
         overwrite: replace an existing `out`.
     """
-    from olmoe_megatron.checkpoint.weights import save_model
-
     reader = HFReader(hf_dir)
+    source = str(reader.directory / "config.json")
     try:
-        model = hf_mapping.model_config_from_hf(reader.config, base=base_model, source=str(reader.directory / "config.json"))
+        model = hf_config.model_config(reader.config, base=base_model, source=source)
     except KeyError as exc:
-        raise ConversionError(f"{reader.directory / 'config.json'} lacks the field {exc}") from None
+        raise ConversionError(f"{source} lacks the field {exc}") from None
     if layout is not None:
         layout.validate(model, layout.smallest_world_size, backend="gloo")
     fused = check_keys_and_shapes(reader, model)
     torch_dtype = _checkpoint_dtype(reader, dtype)
+    found = {reader.dtypes[k] for k in reader.dtypes if not _IGNORED.search(k)}
+    weights_dtype = hf_config.dtype_name(next(iter(found))) if len(found) == 1 else None
     if model.vocab_size < model.padded_vocab_size:
         logger.warning("HF has %d vocabulary rows; padding to %d with zero rows", model.vocab_size, model.padded_vocab_size)
 
-    chunk = mcore_io.build_empty_model(model, dtype=torch_dtype)
-    params = dict(chunk.named_parameters())
-    filled: set[str] = set()
+    def produce(group: int | None) -> dict[str, torch.Tensor]:
+        if group is None:
+            non_layer = reader.read(hf_mapping.hf_non_layer_shapes(model, vocab_rows=model.vocab_size))
+            return _pad_vocab(hf_mapping.non_layer_from_hf(non_layer), model.padded_vocab_size)
+        hf_layer = reader.read(hf_mapping.hf_layer_shapes(model, group, fused_experts=fused[group]))
+        if fused[group]:
+            hf_layer = hf_mapping.unfuse_hf_layer(hf_layer, group, model)
+        logger.info("hf-to-mcore: layer %d/%d", group + 1, model.num_layers)
+        return hf_mapping.layer_from_hf(hf_layer, group, model)
+
+    chunk = mcore_io.build_empty_model(model, dtype=torch_dtype)  # shapes and keys only: never filled
+    sharded = chunk.sharded_state_dict()
     with atomic_output_dir(out, overwrite=overwrite, inputs=(hf_dir,)) as tmp:
-        non_layer = reader.read(hf_mapping.hf_non_layer_shapes(model, vocab_rows=model.vocab_size))
-        tensors = _pad_vocab(hf_mapping.non_layer_from_hf(non_layer), model.padded_vocab_size)
-        mcore_io.fill_parameters(params, tensors, what="embeddings and head")
-        filled.update(tensors)
-        del non_layer, tensors
-        for i in range(model.num_layers):
-            hf_layer = reader.read(hf_mapping.hf_layer_shapes(model, i, fused_experts=fused[i]))
-            if fused[i]:
-                hf_layer = hf_mapping.unfuse_hf_layer(hf_layer, i, model)
-            tensors = hf_mapping.layer_from_hf(hf_layer, i, model)
-            mcore_io.fill_parameters(params, tensors, what=f"layer {i}")
-            filled.update(tensors)
-            del hf_layer, tensors
-            mcore_io.release_freed_memory()
-            logger.info("hf-to-mcore: layer %d/%d", i + 1, model.num_layers)
-        unfilled = set(params) - filled
-        if unfilled:
-            raise ConversionError(f"the mapping left model parameters unset: {list_keys(unfilled)}")
-        save_model([chunk], tmp)
+        dist_writer.write_checkpoint(tmp, sharded, produce, dtype=torch_dtype)
         ckpt_format.write_model_config(tmp, model)
+        hf_config.store(tmp, reader.directory, weights_dtype=weights_dtype)
         copied = reader.copy_tokenizer(tmp / ckpt_format.TOKENIZER_DIR)
         if copied:
             logger.info("copied tokenizer files: %s", ", ".join(copied))
+        write_manifest_for(tmp)  # sizes and checksums for `olmoe ckpt verify` and resumes
     return model
 
 

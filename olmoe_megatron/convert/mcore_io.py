@@ -1,11 +1,11 @@
-"""Our side of a conversion: a world-of-one Megatron model whose weights are filled (or read) one
-decoder layer at a time, and the checkpoint format's lookups with the converters' errors.
+"""Our side of a conversion: a world-of-one Megatron model that describes the checkpoint, read one
+decoder layer at a time (`load_entries`; dist_writer writes it the same way), and the checkpoint
+format's lookups with the converters' errors.
 
 The model is built with `perform_initialization=False`: its parameters are `torch.empty` pages the
-kernel has not handed out yet, so an unfilled model costs (almost) nothing, filling it costs one
-model, and reading a checkpoint layer by layer into fresh tensors leaves those pages untouched.
-The model's own `sharded_state_dict()` gives the exact keys, shapes, expert axes and SwiGLU
-factories a training run writes, so the checkpoint loads in any layout.
+kernel has not handed out yet, and no converter fills them, so the model costs (almost) nothing.
+Its own `sharded_state_dict()` gives the exact keys, shapes, expert axes and SwiGLU factories a
+training run writes, so the checkpoint loads in any layout.
 """
 
 from __future__ import annotations
@@ -69,20 +69,6 @@ def layer_index(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def fill_parameters(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor], *, what: str) -> None:
-    """Copies converted tensors into the model's parameters; keys and shapes must match exactly."""
-    unknown = set(tensors) - set(params)
-    if unknown:
-        raise ConversionError(f"{what}: converted keys the model does not have: {list_keys(unknown)}")
-    bad = [f"{k}: {tuple(v.shape)} (model: {tuple(params[k].shape)})" for k, v in tensors.items()
-           if tuple(v.shape) != tuple(params[k].shape)]
-    if bad:
-        raise ConversionError(f"{what}: shape mismatch: {list_keys(bad)}")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            params[key].copy_(value)
-
-
 # --------------------------------------------------------------------------- checkpoint directories
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model checkpoint dir, a training step dir, or a training root (follows its `latest`)."""
@@ -125,7 +111,7 @@ def check_checkpoint_shapes(ckpt: Path, sharded: dict) -> None:
         if isinstance(value, ShardedTensor):
             wanted[value.key] = tuple(value.global_shape)
         elif isinstance(value, ShardedTensorFactory):
-            for sub in _factory_tensors(value):
+            for sub in factory_tensors(value):
                 wanted[sub.key] = tuple(sub.global_shape)
     missing = sorted(set(wanted) - set(metadata))
     if missing:
@@ -137,7 +123,7 @@ def check_checkpoint_shapes(ckpt: Path, sharded: dict) -> None:
         raise ConversionError(f"{ckpt}: shape mismatch between the checkpoint and its model config: {list_keys(bad)}")
 
 
-def _factory_tensors(factory: ShardedTensorFactory) -> list[ShardedTensor]:
+def factory_tensors(factory: ShardedTensorFactory) -> list[ShardedTensor]:
     built = factory.build()
     items = built.values() if isinstance(built, dict) else (built if isinstance(built, list) else [built])
     return [t for t in items if isinstance(t, ShardedTensor)]
@@ -199,7 +185,7 @@ def load_entries(ckpt: Path, entries: dict, *, dtype: torch.dtype) -> dict[str, 
         data = torch.empty(value.data.shape, dtype=dtype)
         out[name] = data
         pieces = [dataclasses.replace(value, data=data)] if isinstance(value, ShardedTensor) else \
-            _factory_tensors(dataclasses.replace(value, data=data))
+            factory_tensors(dataclasses.replace(value, data=data))
         for piece in pieces:
             assert piece.flattened_range is None, piece.key
             sizes = (1,) * piece.prepend_axis_num + tuple(piece.data.shape)

@@ -30,8 +30,9 @@ from typing import Literal
 import torch
 
 from olmoe_megatron.checkpoint import format as ckpt_format
-from olmoe_megatron.convert import mcore_io
-from olmoe_megatron.convert.errors import ConversionError, atomic_output_dir, list_keys
+from olmoe_megatron.checkpoint.manifest import write_manifest_for
+from olmoe_megatron.convert import dist_writer, mcore_io
+from olmoe_megatron.convert.errors import ConversionError, atomic_output_dir
 from olmoe_megatron.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -113,8 +114,6 @@ def upcycle(
         ConversionError: an unknown method, a negative std, an MoE source, or a checkpoint that does
             not match its model config.
     """
-    from olmoe_megatron.checkpoint.weights import save_model
-
     if method not in METHODS:
         raise ConversionError(f"--method={method!r} is not an upcycling method; use one of {', '.join(METHODS)}")
     if num_experts < 1:
@@ -133,26 +132,19 @@ def upcycle(
     mcore_io.check_checkpoint_shapes(directory, sharded)
     outside, layers = mcore_io.group_sharded_by_layer(sharded)
     del dense_chunk, sharded
-    chunk = mcore_io.build_empty_model(moe, dtype=dtype)
-    params = dict(chunk.named_parameters())
-    filled: set[str] = set()
     generator = torch.Generator().manual_seed(seed)
     scale = expert_output_scale(method=method, num_experts=num_experts, top_k=top_k)
+
+    def produce(group: int | None) -> dict[str, torch.Tensor]:
+        # Called once per group in layer order (dist_writer), so the routers are drawn layer by layer.
+        if group is None:
+            return mcore_io.load_entries(directory, outside, dtype=dtype)
+        loaded = mcore_io.load_entries(directory, layers[group], dtype=dtype)
+        return upcycle_layer(loaded, group, moe, method=method, router_std=std, generator=generator)
+
+    moe_sharded = mcore_io.build_empty_model(moe, dtype=dtype).sharded_state_dict()  # shapes only: never filled
     with atomic_output_dir(out, overwrite=overwrite, inputs=(dense_ckpt, directory)) as tmp:
-        loaded = mcore_io.load_entries(directory, outside, dtype=dtype)
-        mcore_io.fill_parameters(params, loaded, what="embeddings and head")
-        filled.update(loaded)
-        for i in range(dense.num_layers):
-            loaded = mcore_io.load_entries(directory, layers[i], dtype=dtype)
-            tensors = upcycle_layer(loaded, i, moe, method=method, router_std=std, generator=generator)
-            mcore_io.fill_parameters(params, tensors, what=f"layer {i}")
-            filled.update(tensors)
-            del loaded, tensors
-            mcore_io.release_freed_memory()
-        unfilled = set(params) - filled
-        if unfilled:
-            raise ConversionError(f"upcycling left model parameters unset: {list_keys(unfilled)}")
-        save_model([chunk], tmp)
+        dist_writer.write_checkpoint(tmp, moe_sharded, produce, dtype=dtype)
         ckpt_format.write_model_config(tmp, moe)
         record = {"source": str(directory.resolve()), "method": method, "num_experts": num_experts,
                   "top_k": top_k, "expert_fc2_scale": scale, "router_init": "normal", "router_std": std,
@@ -163,6 +155,7 @@ def upcycle(
             from olmoe_megatron.convert.safetensors_io import copy_tokenizer_files
 
             copy_tokenizer_files(tokenizer, tmp / ckpt_format.TOKENIZER_DIR)
+        write_manifest_for(tmp)  # sizes and checksums for `olmoe ckpt verify` and resumes
     logger.info("upcycled %s (%s): %d experts, top-%d, fc2 x %.4g, router N(0, %g) seed %d",
                 directory, method, num_experts, top_k, scale, std, seed)
     return moe

@@ -68,9 +68,11 @@ def test_other_architecture_is_refused(hf_copy, tmp_path):
 
 
 def test_unsupported_olmoe_option_is_refused(hf_copy, tmp_path):
+    """More options in test_hf_config.py."""
     _edit_config(hf_copy, norm_topk_prob=True)
-    with pytest.raises(ConfigError, match="norm_topk_prob=True is not supported"):
+    with pytest.raises(ConversionError, match="norm_topk_prob=True is not supported"):
         hf_to_mcore(hf_copy, tmp_path / "out")
+    _assert_nothing_written(tmp_path / "out")
 
 
 def test_truncated_safetensors_names_the_file(hf_copy, tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from olmoe_megatron.checkpoint.manifest import verify
 from olmoe_megatron.convert import hf_to_mcore, mcore_to_hf
 from olmoe_megatron.convert.safetensors_io import HFReader
 from olmoe_megatron.testing.distributed import get_pool
@@ -26,11 +27,14 @@ def _assert_bit_equal(a: dict, b: dict) -> None:
 
 def test_hf_to_ours_to_hf_is_bit_exact(converted, tmp_path):
     for name, (model, hf_dir, ckpt) in converted.items():
+        assert verify(ckpt)[1] == [], name  # the converter wrote a manifest of everything it wrote
         mcore_to_hf(ckpt, tmp_path / name)
         _assert_bit_equal(_hf_state(hf_dir), _hf_state(tmp_path / name))
+        # config.json and generation_config.json (via hf_tokenizer/) come back byte for byte.
+        for file in ("config.json", "generation_config.json"):
+            assert (tmp_path / name / file).read_bytes() == (hf_dir / file).read_bytes(), file
         config = json.loads((tmp_path / name / "config.json").read_text())
         assert config["vocab_size"] == model.padded_vocab_size and config["num_experts"] == model.num_experts
-        assert (tmp_path / name / "generation_config.json").is_file()  # copied along via hf_tokenizer/
 
 
 def test_export_from_checkpoint_saved_with_ep2_is_bit_exact(converted, tmp_path):
@@ -57,18 +61,20 @@ def test_fused_expert_input_gives_the_same_checkpoint(converted, tmp_path):
     _assert_bit_equal(_hf_state(hf_dir), _hf_state(tmp_path / "back"))
 
 
-def test_vocab_padding_adds_zero_rows_and_export_can_drop_them(tmp_path):
+def test_vocab_padding_adds_zero_rows_and_export_drops_them(tmp_path):
     from olmoe_megatron.recipes import get_recipe
 
     model = get_recipe("olmoe_tiny").model.replace(vocab_size=1000, padded_vocab_size=1000, num_layers=1)
     hf_dir = make_hf_checkpoint(model, tmp_path / "hf")
     converted = hf_to_mcore(hf_dir, tmp_path / "ckpt")
     assert (converted.vocab_size, converted.padded_vocab_size) == (1000, 1024)
-    mcore_to_hf(tmp_path / "ckpt", tmp_path / "padded")
+    mcore_to_hf(tmp_path / "ckpt", tmp_path / "padded", vocab_rows="padded")
     padded = _hf_state(tmp_path / "padded")["lm_head.weight"]
     assert padded.shape[0] == 1024 and not padded[1000:].any()
-    mcore_to_hf(tmp_path / "ckpt", tmp_path / "trimmed", vocab_rows="vocab")
+    assert json.loads((tmp_path / "padded" / "config.json").read_text())["vocab_size"] == 1024
+    mcore_to_hf(tmp_path / "ckpt", tmp_path / "trimmed")  # default: the imported config's 1000 rows
     _assert_bit_equal(_hf_state(hf_dir), _hf_state(tmp_path / "trimmed"))
+    assert (tmp_path / "trimmed" / "config.json").read_bytes() == (hf_dir / "config.json").read_bytes()
 
 
 def test_cli_round_trip_follows_latest(converted, tmp_path):

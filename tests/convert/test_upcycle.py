@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from olmoe_megatron.checkpoint.manifest import verify
 from olmoe_megatron.convert import ConversionError, upcycle
 from olmoe_megatron.convert.upcycle import UPCYCLE_FILE, upcycled_config
 from olmoe_megatron.model.config import ModelConfig
@@ -40,6 +41,7 @@ def _weights(model: ModelConfig, ckpt) -> dict[str, torch.Tensor]:
 def test_default_is_olmoes_method(dense_ckpt, tmp_path):
     """Every expert the dense MLP exactly (unscaled); router N(0, 0.02), seeded and recorded."""
     moe = upcycle(dense_ckpt, tmp_path / "a", num_experts=8, top_k=2)
+    assert verify(tmp_path / "a")[1] == []  # a manifest of everything it wrote
     assert (moe.num_experts, moe.top_k, moe.expert_ffn_hidden_size) == (8, 2, 96)
     dense, upcycled = _weights(DENSE, dense_ckpt), _weights(moe, tmp_path / "a")
     routers = []
