@@ -22,7 +22,10 @@ def test_importing_the_trainer_imports_neither_dynamo_nor_inductor():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_the_function_is_compiled_at_its_first_call_with_the_given_options():
+def test_the_function_is_compiled_at_its_first_call_with_the_given_options(monkeypatch):
+    from olmoe_megatron import lazy_jit
+
+    monkeypatch.setattr(lazy_jit, "_compile", True)  # as on a GPU: CPU runs apply the no_compile patch
     graphs = []
 
     def backend(graph, example_inputs):  # a torch.compile backend that records what it compiles
@@ -43,3 +46,5 @@ def test_the_function_is_compiled_at_its_first_call_with_the_given_options():
         return x - 1
 
     assert len(graphs) == 1 and torch.equal(g(x), x - 1) and len(graphs) == 2
+    lazy_jit.disable_compile()  # the no_compile patch: the function itself, nothing compiled
+    assert not lazy_jit.compiles() and torch.equal(g(x + 1), x) and len(graphs) == 2
