@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[hf,plot,tb,test,eval]"
+	$(PY) -m pip install -q -e ".[hf,plot,tb,test,eval,wandb]"
 	@$(PY) -c "import transformer_engine" 2>/dev/null && [ "$$($(PY) -c 'import torch;print(torch.cuda.is_available())')" = "False" ] \
 		&& { echo "transformer_engine is installed on a CPU-only torch: megatron-core cannot import; remove it"; exit 1; } || true
 	@touch $(STAMP)

@@ -60,6 +60,7 @@ setup(
         "eval": ["lm-eval>=0.4.13,<0.5"],
         "plot": ["matplotlib>=3.7"],
         "tb": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.17"],  # metrics.wandb_project (offline without network)
         "test": ["pytest>=7"],
     },
     entry_points={"console_scripts": [

@@ -230,7 +230,28 @@ class MetricsConfig(Config):
     model.router_expert_bias also the min/max of each layer's expert bias)."""
     peak_flops: float | None = None
     """Hardware peak FLOP/s for MFU (None: measured matmul rate on CPU, datasheet bf16 on GPU)."""
+    wandb_project: str | None = None
+    """Weights & Biases project (None: off). The same scalars as TensorBoard, the run config as the
+    W&B config; needs the `wandb` extra (pip install 'olmoe-megatron[wandb]')."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user; None: the account's default)."""
+    wandb_name: str | None = None
+    """W&B run name (None: the run's name)."""
+    wandb_tags: tuple[str, ...] = ()
+    """W&B run tags."""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """'auto': online when W&B credentials are there (WANDB_API_KEY or a `wandb login`), else offline
+    (files under wandb_dir, uploaded later with `wandb sync`); clusters without network: offline."""
+    wandb_dir: str | None = None
+    """Where W&B writes its files (None: checkpoint.dir, else the working directory)."""
 
     def validate(self) -> None:
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ConfigError(f"metrics.peak_flops={self.peak_flops} must be > 0")
+        for name in ("wandb_project", "wandb_entity", "wandb_name", "wandb_dir"):
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.strip():
+                raise ConfigError(f"metrics.{name}={value!r} is empty; give a value or null")
+        if self.wandb_project is None and (self.wandb_entity or self.wandb_name or self.wandb_tags):
+            raise ConfigError("metrics.wandb_entity/wandb_name/wandb_tags are set but metrics.wandb_project is "
+                              "not: set --metrics.wandb_project=NAME to log to W&B")

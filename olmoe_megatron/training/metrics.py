@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -202,14 +203,85 @@ def peak_memory_fields(*, uses_cuda: bool, cuda=torch.cuda) -> dict:
             "peak_reserved_bytes": None}
 
 
-class MetricsWriter:
-    """Writes on the logging rank only: console line, JSONL, TensorBoard."""
+def scalars(record: dict) -> dict[str, float]:
+    """A training record's scalars as TensorBoard and W&B get them: train/<key> for every number
+    but the step, expert_load/<statistic>/layer<i> for the per-layer expert load."""
+    out = {f"train/{key}": value for key, value in record.items()
+           if isinstance(value, (int, float)) and key != "step"}
+    for key, values in (record.get("expert_load") or {}).items():
+        for layer, value in enumerate(values):
+            out[f"expert_load/{key}/layer{layer}"] = value
+    return out
 
-    def __init__(self, *, enabled: bool, jsonl: str | None, tensorboard_dir: str | None, log_interval: int):
+
+def _wandb_credentials() -> bool:
+    """An API key in the environment or a `wandb login` (~/.netrc entry for api.wandb.ai)."""
+    import netrc
+    import os
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbRun:
+    """One Weights & Biases run for a training run (the logging rank only).
+
+    Its id is derived from the checkpoint directory, so a resumed or requeued job continues the
+    same W&B run (resume='allow'); without a checkpoint directory every start is a new run.
+    """
+
+    def __init__(self, settings, *, run_config: dict, run_name: str, checkpoint_dir: str | None):
+        import hashlib
+        import os
+
+        from olmoe_megatron.config import ConfigError
+
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(f"metrics.wandb_project={settings.wandb_project!r} is set but wandb is not installed: "
+                              "pip install 'olmoe-megatron[wandb]', or unset metrics.wandb_project") from None
+        mode = settings.wandb_mode
+        if mode == "auto":
+            mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_credentials() else "offline")
+        directory = Path(settings.wandb_dir or checkpoint_dir or os.getcwd())
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"metrics.wandb_dir={str(directory)!r} cannot be created ({exc.strerror or exc}); "
+                              "give a writable directory (--metrics.wandb_dir=PATH)") from None
+        run_id = None
+        if checkpoint_dir:
+            key = f"{settings.wandb_project}:{os.path.abspath(checkpoint_dir)}"
+            run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.mode = mode
+        self.run = wandb.init(project=settings.wandb_project, entity=settings.wandb_entity,
+                              name=settings.wandb_name or run_name, tags=list(settings.wandb_tags),
+                              config=run_config, mode=mode, dir=str(directory), id=run_id, resume="allow")
+        logger.info("W&B run %s (%s) in %s", self.run.id, mode, directory)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsWriter:
+    """Writes on the logging rank only: console line, JSONL, TensorBoard, W&B."""
+
+    def __init__(self, *, enabled: bool, jsonl: str | None, tensorboard_dir: str | None, log_interval: int,
+                 wandb_run: Callable[[], WandbRun] | None = None):
+        """`wandb_run`: builds the W&B run (called on the logging rank only; None: no W&B)."""
         self.enabled = enabled
         self.log_interval = log_interval
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         if jsonl:
@@ -229,35 +301,35 @@ class MetricsWriter:
                                "(pip install 'olmoe-megatron[tb]'); skipping TensorBoard")
             else:
                 self._tb = SummaryWriter(tensorboard_dir)
+        if wandb_run is not None:
+            self._wandb = wandb_run()
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(values, step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(f"train/{key}", value, step)
-            for key, values in (record.get("expert_load") or {}).items():
-                for layer, value in enumerate(values):
-                    self._tb.add_scalar(f"expert_load/{key}/layer{layer}", value, step)
+        self._scalars(scalars(record), record["step"])
         if record["step"] % self.log_interval == 0:
             print(format_line(record), flush=True)
 
     def write_eval(self, *, step: int, tokens: int, metrics: dict[str, float]) -> None:
         """An evaluation record: JSONL {"kind": "eval", "step", "tokens", "eval/<name>/<metric>": ...},
-        TensorBoard scalars under their own names, and one console line (always printed)."""
+        TensorBoard and W&B scalars under their own names, and one console line (always printed)."""
         if not self.enabled:
             return
         from olmoe_megatron.evaluation.evaluator import format_eval_line
 
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"kind": "eval", "step": step, "tokens": tokens, **metrics}) + "\n")
-        if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(key, value, step)
+        self._scalars(dict(metrics), step)
         print(format_eval_line(step, metrics), flush=True)
 
     def close(self) -> None:
@@ -265,6 +337,8 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def format_line(r: dict) -> str:

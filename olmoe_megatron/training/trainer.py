@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from olmoe_megatron.checkpoint.format import check_same_architecture
 from olmoe_megatron.checkpoint.plan import plan_load
+from olmoe_megatron.config.base import config_to_dict
 from olmoe_megatron.model.build import build_model_chunks, build_transformer_config
 from olmoe_megatron.parallel import cpu_perf
 from olmoe_megatron.parallel.context import ParallelContext, initialize
@@ -30,7 +31,7 @@ from olmoe_megatron.run_config import RunConfig
 from olmoe_megatron.training.checkpoint import Progress, load_checkpoint, optimizer_has_state, save_checkpoint
 from olmoe_megatron.training.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from olmoe_megatron.training.faults import Faults
-from olmoe_megatron.training.metrics import MetricsWriter, job_peak, peak_memory_fields, throughput_fields
+from olmoe_megatron.training.metrics import MetricsWriter, WandbRun, job_peak, peak_memory_fields, throughput_fields
 from olmoe_megatron.training.moe_metrics import ExpertLoadCounter
 from olmoe_megatron.training.schedule import learning_rate
 from olmoe_megatron.training.step import attach_training_hooks, build_optimizer, set_learning_rate, train_step, wrap_ddp
@@ -125,8 +126,10 @@ def train(run: RunConfig) -> int:
                                  dp_size=context.dp_size, consumed_samples=progress.consumed_samples)
 
     jsonl = run.metrics.jsonl or (os.path.join(run.checkpoint.dir, "metrics.jsonl") if run.checkpoint.dir else None)
+    wandb_run = (lambda: WandbRun(run.metrics, run_config=config_to_dict(run), run_name=run.name,
+                                  checkpoint_dir=run.checkpoint.dir)) if run.metrics.wandb_project else None
     writer = MetricsWriter(enabled=context.is_logging_rank, jsonl=jsonl, tensorboard_dir=run.metrics.tensorboard_dir,
-                           log_interval=train_cfg.log_interval)
+                           log_interval=train_cfg.log_interval, wandb_run=wandb_run)
     peak = job_peak(run.precision.torch_dtype, fp8=run.precision.fp8 is not None, override=run.metrics.peak_flops)
     if math.isnan(peak.flops) and context.is_logging_rank:
         logger.warning("MFU is NaN in every record: %s (the GPU's dense %s peak FLOP/s per GPU, e.g. "

@@ -132,3 +132,102 @@ def test_an_unwritable_metrics_file_is_a_config_error(tmp_path):
     for target in (tmp_path, tmp_path / "file" / "metrics.jsonl"):  # a directory; a path under a file
         with pytest.raises(ConfigError, match=r"metrics.jsonl='.*' cannot be written \(.*\); give a writable file path"):
             MetricsWriter(enabled=True, jsonl=str(target), tensorboard_dir=None, log_interval=1)
+
+
+class _FakeWandb:
+    """Stands in for the wandb module: records init's arguments and every log call."""
+
+    def __init__(self):
+        self.inits, self.logs, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            id = kwargs["id"] or "fresh"
+
+            def log(self, values, step):
+                fake.logs.append((step, dict(values)))
+
+            def finish(self):
+                fake.finished += 1
+
+        return Run()
+
+
+def test_wandb_gets_the_tensorboard_scalars_and_the_run_config(tmp_path, monkeypatch):
+    import sys
+
+    from olmoe_megatron.config.base import config_to_dict
+    from olmoe_megatron.recipes import get_recipe
+    from olmoe_megatron.training.metrics import MetricsWriter, WandbRun, scalars
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no credentials, so 'auto' is offline
+    run = get_recipe("olmoe_tiny").with_overrides(["metrics.wandb_project=olmoe", "metrics.wandb_tags=[a,b]",
+                                                   f"checkpoint.dir={tmp_path / 'ckpt'}"])
+
+    def build():
+        return WandbRun(run.metrics, run_config=config_to_dict(run), run_name=run.name,
+                        checkpoint_dir=run.checkpoint.dir)
+
+    writer = MetricsWriter(enabled=True, jsonl=None, tensorboard_dir=None, log_interval=100, wandb_run=build)
+    writer.write(RECORD)
+    writer.write_eval(step=3, tokens=1024, metrics={"eval/stdlib/loss": 3.5, "eval/stdlib/ppl": 33.1})
+    writer.close()
+    (init,) = fake.inits
+    assert init["project"] == "olmoe" and init["name"] == "olmoe_tiny" and init["tags"] == ["a", "b"]
+    assert init["mode"] == "offline" and init["dir"] == str(tmp_path / "ckpt") and init["resume"] == "allow"
+    assert init["config"] == config_to_dict(run) and init["entity"] is None
+    assert fake.logs == [(3, scalars(RECORD)), (3, {"eval/stdlib/loss": 3.5, "eval/stdlib/ppl": 33.1})] and fake.finished == 1
+    assert fake.logs[0][1]["train/lm_loss"] == 10.5 and fake.logs[0][1]["expert_load/busiest_expert_share/layer1"] == 0.5
+    WandbRun(run.metrics, run_config={}, run_name="x", checkpoint_dir=run.checkpoint.dir)
+    assert fake.inits[1]["id"] == init["id"] is not None  # a resumed run continues the same W&B run
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    WandbRun(run.metrics, run_config={}, run_name="x", checkpoint_dir=None)
+    assert fake.inits[2]["mode"] == "online" and fake.inits[2]["id"] is None
+    disabled = MetricsWriter(enabled=False, jsonl=None, tensorboard_dir=None, log_interval=1, wandb_run=build)
+    disabled.write(RECORD)
+    assert len(fake.inits) == 3  # only the logging rank starts a W&B run
+
+
+def test_wandb_settings_are_checked(monkeypatch):
+    import sys
+
+    from olmoe_megatron.config import ConfigError
+    from olmoe_megatron.recipes import get_recipe
+    from olmoe_megatron.training.metrics import WandbRun
+
+    with pytest.raises(ConfigError, match=r"metrics.wandb_entity/wandb_name/wandb_tags are set but "
+                                          r"metrics.wandb_project is not"):
+        get_recipe("olmoe_tiny").with_overrides(["metrics.wandb_entity=me"])
+    with pytest.raises(ConfigError, match=r"metrics.wandb_project='' is empty"):
+        get_recipe("olmoe_tiny").with_overrides(["metrics.wandb_project="])
+    run = get_recipe("olmoe_tiny").with_overrides(["metrics.wandb_project=p"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ConfigError, match=r"wandb is not installed: pip install 'olmoe-megatron\[wandb\]'"):
+        WandbRun(run.metrics, run_config={}, run_name="x", checkpoint_dir=None)
+
+
+def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
+    """The real wandb package, offline: the run directory and its .wandb file hold the logged step."""
+    wandb = pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    from olmoe_megatron.recipes import get_recipe
+    from olmoe_megatron.training.metrics import MetricsWriter, WandbRun
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = get_recipe("olmoe_tiny").with_overrides(["metrics.wandb_project=olmoe-test", "metrics.wandb_mode=offline",
+                                                   f"metrics.wandb_dir={tmp_path}"])
+    writer = MetricsWriter(enabled=True, jsonl=None, tensorboard_dir=None, log_interval=100,
+                           wandb_run=lambda: WandbRun(run.metrics, run_config={"name": run.name}, run_name=run.name,
+                                                      checkpoint_dir=None))
+    writer.write(RECORD)
+    writer.close()
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    (data,) = run_dir.glob("run-*.wandb")
+    assert data.stat().st_size > 0 and b"train/lm_loss" in data.read_bytes()
+    assert wandb.run is None  # finished
