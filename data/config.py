@@ -13,6 +13,10 @@ from olmoe_megatron.data.errors import DataError
 from olmoe_megatron.data.tokenizer import DEMO_BPE_EOS_ID, OLMOE_EOS_TOKEN_ID, demo_bpe_vocab_size
 
 
+#: A run that would read the embedded demo corpus more often than this is refused (see build).
+DEMO_MAX_PASSES = 1000
+
+
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class DataConfig(Config):
     """Token data for training: sources, blend weights, sample order and caches."""
@@ -107,6 +111,15 @@ class DataConfig(Config):
                 "(OLMoE's: 50304 padded), or, for the demo corpus, a smaller tokenizer: "
                 "--data.tokenizer=demo-bpe-<vocab> --data.eos_token_id=0"
             )
+        if not self.paths and num_samples * seq_length > DEMO_MAX_PASSES * self.demo_max_bytes:
+            # A byte-level BPE token covers at least one byte: the demo corpus has at most about
+            # demo_max_bytes tokens, so this run would read it more than DEMO_MAX_PASSES times.
+            raise ConfigError(
+                f"data.paths is empty, so this run would train on the embedded demo corpus (at most "
+                f"{self.demo_max_bytes:,} bytes of standard-library source): {num_samples:,} samples of {seq_length} "
+                f"tokens read it more than {num_samples * seq_length // self.demo_max_bytes:,} times. Give the "
+                "run's token files with --data.paths=[...] (from `olmoe prep tokenize`), or shorten the run "
+                f"(train.max_steps) to at most {DEMO_MAX_PASSES} passes over the demo corpus")
         cache_dir = self.resolved_cache_dir()
         plan = DatasetPlan(
             order=self.order, groups=self.token_groups(cache_dir), weights=self.weights, seq_length=seq_length,

@@ -146,3 +146,17 @@ def test_prep_cli_tokenize_convert_and_zarr(tmp_path, tiny_tokenizer, capsys):
     assert (tmp_path / "un" / "c_00000.bin").read_bytes() == (tmp_path / "tok" / "c_00000.bin").read_bytes()
     assert main(["prep", "tokenize", str(tmp_path / "missing.jsonl"), "-o", prefix, "--tokenizer", tiny_tokenizer]) == 1
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_a_real_scale_run_on_the_demo_corpus_is_refused_naming_data_paths():
+    """olmoe_1b_7b without data.paths would read the few-MB demo corpus millions of times."""
+    from olmoe_megatron.recipes import get_recipe
+
+    run = get_recipe("olmoe_1b_7b")
+    samples = run.train.global_batch_size * 1_220_000
+    with pytest.raises(ConfigError, match=r"data.paths is empty, so this run would train on the embedded demo corpus "
+                                          r"\(at most 4,000,000 bytes .*read it more than 1,279,262 times\. Give the "
+                                          r"run's token files with --data.paths=\[\.\.\.\]"):
+        run.data.build(seq_length=run.train.seq_length, num_samples=samples, vocab_size=run.model.padded_vocab_size)
+    with pytest.raises(ConfigError, match=r"at most 1000 passes"):  # the bound, not the model size, decides
+        DataConfig(demo_corpus=True).build(seq_length=1000, num_samples=4_000_001, vocab_size=50304)
