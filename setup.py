@@ -47,6 +47,7 @@ setup(
         "xxhash>=3",  # checkpoint manifests: the xxh3_64 checksum of every file
         "psutil>=5.9",  # dist_checkpointing.save hangs without it (megatron-core does not declare it)
         "tokenizers>=0.15",
+        "tiktoken>=0.9",  # olmoe prep tokenize: the exact fast path for byte-level BPE (data/fast_tokenizer.py)
         "zstandard>=0.21",  # olmoe prep tokenize: .jsonl.zst inputs
         "pyarrow>=14",  # olmoe prep tokenize: parquet inputs
     ],

@@ -1,17 +1,19 @@
 """`olmoe prep tokenize`: raw text to sharded Megatron .bin/.idx with a manifest.
 
 Inputs are planned into shards of about `shard_bytes` of input text (a shard is one or more input
-segments). Shards run in parallel worker processes, each batch-encoding with HF tokenizers (whose
-Rust core adds threads of its own), appending EOS after every document. A shard is written under
-temporary names and renamed when complete; its small `<shard>.json` record is written last, so a
-rerun skips exactly the shards whose record matches the plan. `<output_prefix>.manifest.json` lists
-every shard with its documents, tokens, source segments and checksums.
+segments). Shards run in parallel worker processes, each encoding its documents and appending EOS
+after every one. The encoder is the exact fast path of fast_tokenizer.py (tiktoken) when it can
+prove it reproduces HF tokenizers for the tokenizer.json (OLMoE's and the demo BPE's qualify),
+else HF tokenizers; both give byte-identical shards (`encoder="hf"` or $OLMOE_TOKENIZER_ENCODER=hf
+forces HF tokenizers). A shard is written under temporary names and renamed when complete; its
+small `<shard>.json` record is written last, so a rerun skips exactly the shards whose record
+matches the plan. `<output_prefix>.manifest.json` lists every shard with its documents, tokens,
+source segments and checksums.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import multiprocessing
@@ -25,10 +27,11 @@ import numpy as np
 
 from olmoe_megatron.config import Config, ConfigError
 from olmoe_megatron.data.errors import DataError
+from olmoe_megatron.data.fast_tokenizer import ENCODER_CHOICES, encoder_choice, load_encoder
 from olmoe_megatron.data.fileutil import atomic_write_text, sha256_file
 from olmoe_megatron.data.megatron_format import ShardWriter, token_dtype_for_vocab
 from olmoe_megatron.data.text_inputs import ReadStats, Segment, expand_inputs, iter_text_batches, plan_segments
-from olmoe_megatron.data.tokenizer import find_eos_token_id, load_tokenizer, resolve_tokenizer_path
+from olmoe_megatron.data.tokenizer import find_eos_token_id, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,10 @@ class TokenizeConfig(Config):
     """Text bytes per encode_batch call."""
     skip_bad_records: bool = False
     """Skip (and count) undecodable lines or records without the text field instead of failing."""
+    encoder: Literal["auto", "hf"] = "auto"
+    """'auto': the exact fast path (tiktoken, fast_tokenizer.py) where it can prove it reproduces HF
+    tokenizers for this tokenizer.json, else HF tokenizers (one log line says why); 'hf': always HF
+    tokenizers. $OLMOE_TOKENIZER_ENCODER=hf forces HF too. The shards are the same bytes either way."""
 
     def validate(self) -> None:
         if not self.inputs:
@@ -72,6 +79,9 @@ class TokenizeConfig(Config):
             raise ConfigError(f"tokenize.num_workers={self.num_workers} must be >= 0 (0 = one per core)")
         if self.eos_token_id is not None and self.eos_token_id < 0:
             raise ConfigError(f"tokenize.eos_token_id={self.eos_token_id} must be >= 0")
+        if self.encoder not in ENCODER_CHOICES:
+            raise ConfigError(f"tokenize.encoder={self.encoder!r} must be one of {', '.join(ENCODER_CHOICES)}; "
+                              f"'auto' is the fast path where exact, 'hf' forces HF tokenizers")
 
 
 def shard_prefix(output_prefix: str, index: int) -> str:
@@ -105,6 +115,8 @@ class _ShardJob:
     prefix: str
     segments: tuple[Segment, ...]
     tokenizer_path: str
+    tokenizer_sha256: str
+    encoder: str
     text_field: str
     eos_token_id: int
     dtype: str
@@ -122,7 +134,14 @@ def tokenize(config: TokenizeConfig) -> dict:
     files = expand_inputs(config.inputs)
     _check_output_directory(config.output_prefix)
     tokenizer_path = resolve_tokenizer_path(config.tokenizer)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer_sha = sha256_file(tokenizer_path)
+    try:
+        choice = encoder_choice(config.encoder)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    # Built here, before any worker forks: the workers inherit it (load_encoder is cached).
+    encoder = load_encoder(str(tokenizer_path), tokenizer_sha, choice)
+    tokenizer = encoder.tokenizer
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     eos = config.eos_token_id if config.eos_token_id is not None else find_eos_token_id(tokenizer, path=tokenizer_path)
     if eos >= vocab_size:
@@ -130,7 +149,6 @@ def tokenize(config: TokenizeConfig) -> dict:
     dtype = token_dtype_for_vocab(vocab_size) if config.dtype == "auto" else np.dtype(config.dtype)
     if dtype == np.uint16 and vocab_size > 65536:
         raise ConfigError(f"tokenize.dtype=uint16 cannot hold {vocab_size} token ids; use int32 or auto")
-    tokenizer_sha = sha256_file(tokenizer_path)
     settings = {"tokenizer_sha256": tokenizer_sha, "text_field": config.text_field, "eos_token_id": eos,
                 "dtype": str(dtype), "skip_bad_records": config.skip_bad_records}
     jobs = []
@@ -138,12 +156,13 @@ def tokenize(config: TokenizeConfig) -> dict:
         fingerprint = json.dumps({"settings": settings, "segments": [s.fingerprint() for s in segments]},
                                  sort_keys=True)
         jobs.append(_ShardJob(index, shard_prefix(config.output_prefix, index), tuple(segments),
-                              str(tokenizer_path), config.text_field, eos, str(dtype), config.batch_bytes,
-                              config.skip_bad_records, fingerprint))
+                              str(tokenizer_path), tokenizer_sha, choice, config.text_field, eos, str(dtype),
+                              config.batch_bytes, config.skip_bad_records, fingerprint))
     records = {job.index: _finished_record(job) for job in jobs}
     todo = [job for job in jobs if records[job.index] is None]
-    logger.info("tokenize: %d input files, %d shards (%d already complete), tokenizer %s (%d ids, EOS %d), %s",
-                len(files), len(jobs), len(jobs) - len(todo), tokenizer_path, vocab_size, eos, dtype)
+    logger.info("tokenize: %d input files, %d shards (%d already complete), tokenizer %s (%d ids, EOS %d), %s, "
+                "%s encoder", len(files), len(jobs), len(jobs) - len(todo), tokenizer_path, vocab_size, eos, dtype,
+                encoder.name)
     for record in _run_jobs(todo, config.num_workers or os.cpu_count() or 1):
         records[record["index"]] = record
     shards = [records[job.index] for job in jobs]
@@ -261,8 +280,7 @@ def _log_progress(totals: dict, seconds: float, done: int, total: int) -> None:
 
 def _tokenize_shard(job: _ShardJob, progress) -> dict:
     """Worker: tokenizes one shard's segments into `<prefix>.bin/.idx` and writes its record."""
-    tokenizer = load_tokenizer(job.tokenizer_path)
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    encoder = load_encoder(job.tokenizer_path, job.tokenizer_sha256, job.encoder)
     dtype = np.dtype(job.dtype)
     max_id = np.iinfo(dtype).max
     writer = ShardWriter(job.prefix, dtype)
@@ -272,10 +290,7 @@ def _tokenize_shard(job: _ShardJob, progress) -> dict:
         for segment in job.segments:
             for texts in iter_text_batches(segment, text_field=job.text_field, batch_bytes=job.batch_bytes,
                                            skip_bad_records=job.skip_bad_records, stats=stats):
-                ids = [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
-                lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
-                flat = np.fromiter(itertools.chain.from_iterable(doc + [job.eos_token_id] for doc in ids),
-                                   dtype=np.int64, count=int(lengths.sum()))
+                flat, lengths = encoder.encode_flat(texts, job.eos_token_id)
                 if flat.size and int(flat.max()) > max_id:
                     raise DataError(f"{segment.path}: token id {int(flat.max())} does not fit {dtype}; "
                                     f"use --dtype int32")

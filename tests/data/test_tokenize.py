@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,43 @@ def test_a_data_path_with_no_tokens_is_refused_before_training(tmp_path):
     ShardWriter(prefix, np.uint16).finish()
     with pytest.raises(DataError, match=r"data.paths entry '.*zero' holds 0 tokens"):
         DataConfig(paths=(prefix,), demo_corpus=False).token_groups(cache_dir=tmp_path / "cache")
+
+
+def test_fast_and_hf_encoders_write_identical_shards(tmp_path, monkeypatch, caplog):
+    """`olmoe prep tokenize` output is the same bytes with the fast path as with HF tokenizers forced
+    (by the config field and by the environment variable), over several shards and two workers."""
+    import logging
+
+    from olmoe_megatron.data.corpus import stdlib_source_files
+    from olmoe_megatron.data.errors import DataError
+    from olmoe_megatron.data.fast_tokenizer import ENCODER_ENV
+    from olmoe_megatron.data.tokenizer import olmoe_tokenizer_path
+
+    try:
+        tokenizer = str(olmoe_tokenizer_path())
+    except DataError as exc:
+        pytest.skip(f"OLMoE tokenizer neither cached nor downloadable from PyPI here: {exc}")
+    documents = [p.read_text(encoding="utf-8") for p in stdlib_source_files(200_000)]
+    documents += ["caf\u00e9 na\u0131ve\r\n\tA\u030a \u212b \u1100\u1161\u11a8", "mail |||EMAIL_ADDRESS||| now",
+                  "<|endoftext|> inside", "a\u0898\u0316 (HF's NFC differs)", "\U0001f469\u200d\U0001f467 ok",
+                  "x" + " " * 50 + "y\n\n\n", "\u4e2d\u6587 \u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u0939\u093f"]
+    source = write_jsonl(tmp_path / "in.jsonl", documents)
+
+    def run(name: str, **kwargs) -> dict:
+        prefix = str(tmp_path / name / "c")
+        manifest = tokenize(TokenizeConfig(inputs=(source,), output_prefix=prefix, tokenizer=tokenizer,
+                                           shard_bytes=60_000, num_workers=2, **kwargs))
+        return {f"{Path(p).name}{suffix}": Path(f"{p}{suffix}").read_bytes()
+                for p in shard_prefixes(manifest_path(prefix)) for suffix in (".bin", ".idx")} | {"m": manifest}
+
+    with caplog.at_level(logging.INFO, logger="olmoe_megatron.data.tokenize_text"):
+        fast = run("fast")
+    assert "fast encoder" in caplog.text
+    forced = run("hf", encoder="hf")
+    monkeypatch.setenv(ENCODER_ENV, "hf")
+    by_env = run("env")
+    assert len(fast) > 5 and fast.keys() == forced.keys() == by_env.keys()
+    for name in fast:
+        if name != "m":
+            assert fast[name] == forced[name] == by_env[name], name
+    assert fast["m"]["tokens"] == forced["m"]["tokens"] and fast["m"]["documents"] == len(documents)
